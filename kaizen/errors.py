@@ -1,0 +1,41 @@
+"""Exceptions shared by the server and the learner; the server maps each to a gRPC status."""
+
+from __future__ import annotations
+
+
+class KaizenError(Exception):
+    """Base class; a subclass names the gRPC status it stands for."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgument(KaizenError):
+    """Bad input. The message names the field and the limit."""
+
+    status = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class AlreadyExists(KaizenError):
+    """An idempotency key reused with another payload."""
+
+    status = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(KaizenError):
+    """A bounded queue is full; the caller should retry later."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(KaizenError):
+    """The component is shutting down or not ready."""
+
+    status = "UNAVAILABLE"
+
+
+class CorruptVersion(KaizenError):
+    """A published version whose files do not match their manifest."""

@@ -1,0 +1,156 @@
+"""The weight registry: numbered versions on disk, each published atomically with a manifest.
+
+Layout under the registry root:
+
+    v000001/                  one directory per version, never modified after publish
+        adapter_model.safetensors, adapter_config.json   (peft LoRA adapter)
+        learner_state.pt      (the learner's optimizer and cursor; servers ignore it)
+        manifest.json         (version, parent, base model, created_at, sha256 of each file)
+    .staging-<random>/        a version being written; invisible to readers
+
+A version is written under a staging name, every file and the directory fsynced, then
+renamed into place: a reader sees the whole version or none of it. "v0" names the base
+model with no adapter and has no directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kaizen.errors import CorruptVersion
+
+BASE_VERSION = "v0"
+MANIFEST = "manifest.json"
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    parent: str
+    base_model: str
+    created_at: float           # unix seconds
+    files: dict[str, str]       # file name -> sha256
+    metadata: dict[str, object]  # what the publisher wants to record (steps, rewards, cursor)
+
+    @property
+    def number(self) -> int:
+        return version_number(self.version)
+
+
+def version_number(version: str) -> int:
+    if version == BASE_VERSION:
+        return 0
+    match = re.fullmatch(r"v(\d+)", version)
+    if match is None:
+        raise ValueError(f"version: {version!r} is not of the form vN")
+    return int(match.group(1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Registry:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[str]:
+        """Published versions, oldest first."""
+        found = []
+        for entry in self.root.iterdir():
+            match = _VERSION_DIR.match(entry.name)
+            if match and (entry / MANIFEST).is_file():
+                found.append((int(match.group(1)), entry.name))
+        return [f"v{n}" for n, _ in sorted(found)]
+
+    def latest(self) -> str:
+        """The newest published version, or v0 when none is."""
+        versions = self.versions()
+        return versions[-1] if versions else BASE_VERSION
+
+    def path(self, version: str) -> Path:
+        return self.root / f"v{version_number(version):06d}"
+
+    def manifest(self, version: str) -> Manifest:
+        data = json.loads((self.path(version) / MANIFEST).read_text())
+        return Manifest(**data)
+
+    def verify(self, version: str) -> Manifest:
+        """Check every file against the manifest; raise CorruptVersion on any mismatch."""
+        manifest = self.manifest(version)
+        root = self.path(version)
+        for name, expected in manifest.files.items():
+            path = root / name
+            if not path.is_file():
+                raise CorruptVersion(f"{version}: {name} is missing")
+            actual = _sha256(path)
+            if actual != expected:
+                raise CorruptVersion(
+                    f"{version}: {name} has sha256 {actual[:12]}…, manifest says {expected[:12]}…"
+                )
+        return manifest
+
+    @contextmanager
+    def publish(
+        self, base_model: str, metadata: dict[str, object] | None = None
+    ) -> Iterator[Path]:
+        """Yield a staging directory to fill; on exit, publish it as the next version.
+
+        The new version's manifest is readable as `self.manifest(self.latest())` after.
+        """
+        parent = self.latest()
+        version = f"v{version_number(parent) + 1}"
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        try:
+            yield staging
+            files = {}
+            for path in sorted(staging.iterdir()):
+                if not path.is_file():
+                    raise ValueError(f"registry: {path.name} is not a plain file")
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())
+                files[path.name] = _sha256(path)
+            manifest = Manifest(
+                version=version,
+                parent=parent,
+                base_model=base_model,
+                created_at=time.time(),
+                files=files,
+                metadata=dict(metadata or {}),
+            )
+            manifest_path = staging / MANIFEST
+            with manifest_path.open("w") as f:
+                json.dump(manifest.__dict__, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(staging)
+            # rename() refuses a non-empty target, so two publishers cannot both win vN.
+            os.rename(staging, self.path(version))
+            _fsync_dir(self.root)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,42 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServedVersion(_message.Message):
+    __slots__ = ("version", "state", "serving_since", "published_at", "sha256")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_SINCE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    state: str
+    serving_since: _timestamp_pb2.Timestamp
+    published_at: _timestamp_pb2.Timestamp
+    sha256: str
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., serving_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("base_model", "base_model_path", "versions", "started_at", "swaps")
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    base_model_path: str
+    versions: _containers.RepeatedCompositeFieldContainer[ServedVersion]
+    started_at: _timestamp_pb2.Timestamp
+    swaps: int
+    def __init__(self, base_model: _Optional[str] = ..., base_model_path: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ServedVersion, _Mapping]]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., swaps: _Optional[int] = ...) -> None: ...

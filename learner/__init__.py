@@ -1,0 +1,1 @@
+"""The learner: turns logged feedback into rewards, updates the weights, publishes versions."""

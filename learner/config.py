@@ -1,0 +1,31 @@
+"""Learner configuration: one dataclass, parsed once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kaizen.config import option
+from kaizen.modeling import DEFAULT_MODEL_DIR
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    model: Path = option(DEFAULT_MODEL_DIR, "base model checkpoint directory (frozen reference)")
+    buffer: str = option("sqlite:///kaizen-data/buffer.db", "replay buffer URL")
+    registry: Path = option(Path("kaizen-data/registry"), "weight registry directory")
+    publish_every: int = option(32, "publish a new version after this many rewarded samples")
+    batch_size: int = option(8, "rewarded samples per gradient step at most")
+    lr: float = option(1e-4, "AdamW learning rate for the LoRA adapter")
+    kl_coef: float = option(0.05, "β: weight of the per-token KL to the frozen base model")
+    baseline_momentum: float = option(0.9, "running-mean baseline: b ← m·b + (1−m)·reward")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
+    lora_targets: str = option("q_proj,v_proj", "comma-separated module names that get LoRA")
+    device: str = option("auto", "torch device: auto, cpu, cuda …")
+    batch_wait_s: float = option(2.0, "train on a partial batch once its first sample waited this long")
+    poll_s: float = option(0.5, "how often an idle learner looks for new feedback")
+    metrics_port: int = option(9401, "Prometheus /metrics HTTP port; 0 picks one, -1 none")
+    max_steps: int = option(0, "stop after this many gradient steps (0 = run until stopped)")
+    seed: int = option(0, "random seed for the adapter's initialisation")

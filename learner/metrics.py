@@ -1,0 +1,19 @@
+"""The learner's Prometheus metrics (module level, in the default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SAMPLES = Counter("kaizen_learner_samples_total", "Feedback events read, by whether they gave "
+                  "a reward", ["rewarded"])
+STEPS = Counter("kaizen_learner_steps_total", "Gradient steps, by result (ok, or why dropped)",
+                ["result"])
+STEP_SECONDS = Histogram("kaizen_learner_step_seconds", "Wall time of one gradient step",
+                         buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
+REWARD = Gauge("kaizen_learner_reward_mean", "Mean reward of the last step's samples")
+BASELINE = Gauge("kaizen_learner_baseline", "Running-mean reward baseline")
+KL = Gauge("kaizen_learner_kl", "Mean per-token KL to the reference in the last step")
+LOSS = Gauge("kaizen_learner_loss", "Loss of the last step")
+CURSOR = Gauge("kaizen_learner_cursor", "Position of the last feedback event consumed")
+PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")
+VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN published or resumed")

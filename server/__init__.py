@@ -1,0 +1,1 @@
+"""The gRPC server: answers chat requests, records them, takes feedback, hot-swaps weights."""

@@ -1,0 +1,116 @@
+"""The boundary: protobuf in, checked dataclasses out (and back). Every check names its field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kaizen.errors import InvalidArgument
+from kaizen.events import Feedback, FeedbackKind, Sampling
+from kaizen.modeling import ROLES
+from kaizen.v1 import chat_pb2, feedback_pb2
+
+MAX_ID_CHARS = 128
+MAX_TEXT_CHARS = 16_384
+MAX_MESSAGES = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens_cap: int
+    default_sampling: Sampling
+    max_context: int  # prompt tokens + max_new_tokens must fit
+
+
+def _check_id(field: str, value: str, required: bool) -> None:
+    if required and not value:
+        raise InvalidArgument(field, "required, got an empty string")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(field, f"{len(value)} characters; the limit is {MAX_ID_CHARS}")
+
+
+def messages_from_pb(request: chat_pb2.GenerateRequest) -> list[dict[str, str]]:
+    if not request.messages:
+        raise InvalidArgument("messages", "at least one message is required")
+    if len(request.messages) > MAX_MESSAGES:
+        raise InvalidArgument(
+            "messages", f"{len(request.messages)} messages; the limit is {MAX_MESSAGES}"
+        )
+    out = []
+    for i, m in enumerate(request.messages):
+        if m.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role", f"{m.role!r} is not one of {ROLES}")
+        out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def sampling_from_pb(request: chat_pb2.GenerateRequest, limits: Limits) -> Sampling:
+    if not request.HasField("sampling"):
+        return limits.default_sampling
+    s = request.sampling
+    cap = limits.max_new_tokens_cap
+    if not 1 <= s.max_new_tokens <= cap:
+        raise InvalidArgument(
+            "sampling.max_new_tokens", f"{s.max_new_tokens} is outside 1..{cap}"
+        )
+    if not 0.0 <= s.temperature <= 2.0:  # NaN fails this too
+        raise InvalidArgument("sampling.temperature", f"{s.temperature} is outside 0..2")
+    if not 0.0 <= s.top_p <= 1.0:
+        raise InvalidArgument("sampling.top_p", f"{s.top_p} is outside 0..1")
+    return Sampling(
+        max_new_tokens=s.max_new_tokens,
+        temperature=float(s.temperature),
+        top_p=float(s.top_p) if s.top_p > 0 else 1.0,
+        seed=int(s.seed),
+    )
+
+
+def check_request_ids(request: chat_pb2.GenerateRequest) -> None:
+    _check_id("user_id", request.user_id, required=False)
+    _check_id("request_id", request.request_id, required=False)
+
+
+def check_context(prompt_tokens: int, sampling: Sampling, limits: Limits) -> None:
+    if prompt_tokens + sampling.max_new_tokens > limits.max_context:
+        raise InvalidArgument(
+            "messages",
+            f"the prompt is {prompt_tokens} tokens; with max_new_tokens "
+            f"{sampling.max_new_tokens} that exceeds the model's context of "
+            f"{limits.max_context} tokens",
+        )
+
+
+def feedback_from_pb(fb: feedback_pb2.Feedback, where: str = "") -> Feedback:
+    """Check one Feedback message; `where` prefixes field names (`feedback[3].`) in a stream."""
+    _check_id(f"{where}event_id", fb.event_id, required=True)
+    _check_id(f"{where}response_id", fb.response_id, required=True)
+    _check_id(f"{where}user_id", fb.user_id, required=False)
+    signal = fb.WhichOneof("signal")
+    value, text = 0.0, ""
+    if signal is None:
+        raise InvalidArgument(
+            f"{where}signal",
+            "set one of thumb, rating, click, dwell_ms, copy, regenerate, comment, correction",
+        )
+    if signal == "thumb":
+        if fb.thumb == feedback_pb2.THUMB_UNSPECIFIED:
+            raise InvalidArgument(f"{where}thumb", "must be THUMB_UP or THUMB_DOWN")
+        value = 1.0 if fb.thumb == feedback_pb2.THUMB_UP else -1.0
+    elif signal == "rating":
+        if not 1 <= fb.rating <= 5:
+            raise InvalidArgument(f"{where}rating", f"{fb.rating} is outside 1..5")
+        value = float(fb.rating)
+    elif signal == "dwell_ms":
+        value = float(fb.dwell_ms)
+    elif signal in ("comment", "correction"):
+        text = getattr(fb, signal)
+        if not text.strip():
+            raise InvalidArgument(f"{where}{signal}", "must not be empty")
+        if len(text) > MAX_TEXT_CHARS:
+            raise InvalidArgument(
+                f"{where}{signal}", f"{len(text)} characters; the limit is {MAX_TEXT_CHARS}"
+            )
+    kind = FeedbackKind("dwell" if signal == "dwell_ms" else signal)
+    return Feedback(
+        event_id=fb.event_id, response_id=fb.response_id, user_id=fb.user_id,
+        kind=kind, value=value, text=text,
+    )

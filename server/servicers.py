@@ -1,0 +1,205 @@
+"""Thin gRPC servicers: convert at the edge, hand work to the engine and the buffer."""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kaizen.buffer import ReplayBuffer
+from kaizen.errors import InvalidArgument, Unavailable
+from kaizen.events import Generation
+from kaizen.modeling import chat_prompt_ids
+from kaizen.registry import BASE_VERSION
+from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc
+from kaizen.v1 import model_pb2, model_pb2_grpc
+from server import metrics
+from server.convert import (
+    Limits,
+    check_context,
+    check_request_ids,
+    feedback_from_pb,
+    messages_from_pb,
+    sampling_from_pb,
+)
+from server.engine import Engine, Failed, Finished, Request, Token, resolve_seed
+
+MAX_STREAM_EVENTS = 10_000
+
+
+@dataclass
+class _Answer:
+    tokens: list[int]
+    logprobs: list[float]
+    version: str = ""
+    finish_reason: str = ""
+
+
+class TextStream:
+    """Turns a growing list of tokens into text deltas, holding back split UTF-8 characters."""
+
+    def __init__(self, tokenizer, stop_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        if token_id in self.stop_ids:
+            return ""
+        self.tokens.append(token_id)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character not yet complete
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+class ChatService(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, engine: Engine, tokenizer, stop_ids: set[int], buffer: ReplayBuffer,
+                 limits: Limits, request_timeout_s: float = 600.0) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.buffer = buffer
+        self.limits = limits
+        self.request_timeout_s = request_timeout_s
+
+    def _start(self, request: chat_pb2.GenerateRequest, context: grpc.ServicerContext):
+        check_request_ids(request)
+        messages = messages_from_pb(request)
+        sampling = resolve_seed(sampling_from_pb(request, self.limits))
+        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
+        check_context(len(prompt_ids), sampling, self.limits)
+        job = self.engine.submit(Request(prompt_ids=prompt_ids, sampling=sampling))
+        context.add_callback(job.cancel)  # client gone or deadline passed: free the row
+        metrics.PROMPT_TOKENS.inc(len(prompt_ids))
+        return messages, job
+
+    def _events(self, job: Request, answer: _Answer) -> Iterator[int]:
+        """Yield token ids as they come; fill `answer` with the version and finish reason."""
+        while True:
+            try:
+                event = job.events.get(timeout=self.request_timeout_s)
+            except queue.Empty:
+                job.cancel()
+                raise Unavailable("generation stalled; the decode loop did not answer") from None
+            if isinstance(event, Token):
+                answer.tokens.append(event.token_id)
+                answer.logprobs.append(event.logprob)
+                yield event.token_id
+            elif isinstance(event, Finished):
+                answer.version, answer.finish_reason = event.version, event.finish_reason
+                return
+            elif isinstance(event, Failed):
+                raise event.error
+
+    def _record(self, request, messages, job: Request, answer: _Answer, text: str) -> Generation:
+        generation = Generation(
+            response_id=f"r-{uuid.uuid4().hex}",
+            user_id=request.user_id,
+            request_id=request.request_id,
+            model_version=answer.version,
+            messages=messages,
+            prompt_tokens=job.prompt_ids,
+            response_tokens=answer.tokens,
+            behaviour_logprobs=answer.logprobs,
+            text=text,
+            finish_reason=answer.finish_reason,
+            sampling=job.sampling,
+            created_at=time.time(),
+        )
+        # Durable before the caller sees response_id, so feedback can always be joined.
+        self.buffer.append_generation(generation)
+        return generation
+
+    def Generate(self, request, context):
+        messages, job = self._start(request, context)
+        answer = _Answer([], [])
+        stream = TextStream(self.tokenizer, self.stop_ids)
+        for token_id in self._events(job, answer):
+            stream.push(token_id)
+        g = self._record(request, messages, job, answer, stream.text)
+        return chat_pb2.GenerateResponse(
+            response_id=g.response_id, text=g.text, model_version=g.model_version,
+            finish_reason=g.finish_reason, prompt_tokens=len(g.prompt_tokens),
+            completion_tokens=len(g.response_tokens),
+        )
+
+    def GenerateStream(self, request, context):
+        messages, job = self._start(request, context)
+        answer = _Answer([], [])
+        stream = TextStream(self.tokenizer, self.stop_ids)
+        for token_id in self._events(job, answer):
+            delta = stream.push(token_id)
+            if delta:
+                yield chat_pb2.GenerateChunk(text_delta=delta)
+        if answer.finish_reason == "cancelled":
+            return
+        g = self._record(request, messages, job, answer, stream.text)
+        yield chat_pb2.GenerateChunk(
+            done=True, response_id=g.response_id, model_version=g.model_version,
+            finish_reason=g.finish_reason, prompt_tokens=len(g.prompt_tokens),
+            completion_tokens=len(g.response_tokens),
+        )
+
+
+class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
+    def __init__(self, buffer: ReplayBuffer) -> None:
+        self.buffer = buffer
+
+    def _store(self, events) -> feedback_pb2.FeedbackAck:
+        result = self.buffer.append_feedback(events)
+        for ev, new in zip(events, result.new, strict=True):  # counted once durable
+            metrics.FEEDBACK.labels(str(ev.kind), "accepted" if new else "duplicate").inc()
+        return feedback_pb2.FeedbackAck(accepted=result.accepted, duplicates=result.duplicates)
+
+    def SubmitFeedback(self, request, context):
+        return self._store([feedback_from_pb(request)])
+
+    def StreamFeedback(self, request_iterator, context):
+        events = []
+        for i, fb in enumerate(request_iterator):
+            if i >= MAX_STREAM_EVENTS:
+                raise InvalidArgument(
+                    "feedback", f"more than {MAX_STREAM_EVENTS} events in one stream; split it"
+                )
+            events.append(feedback_from_pb(fb, where=f"feedback[{i}]."))
+        if not events:
+            return feedback_pb2.FeedbackAck()
+        return self._store(events)
+
+
+def _timestamp(unix_s: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(unix_s * 1e9))
+    return ts
+
+
+class ModelService(model_pb2_grpc.ModelServiceServicer):
+    def __init__(self, engine: Engine, base_model: str, base_model_path: str,
+                 started_at: float) -> None:
+        self.engine = engine
+        self.base_model = base_model
+        self.base_model_path = base_model_path
+        self.started_at = started_at
+
+    def GetModelInfo(self, request, context):
+        engine = self.engine
+        adapter = engine.adapter
+        serving = model_pb2.ServedVersion(
+            version=engine.version, state="serving",
+            serving_since=_timestamp(engine.serving_since),
+        )
+        if adapter is not None and engine.version != BASE_VERSION:
+            serving.published_at.CopyFrom(_timestamp(adapter.published_at))
+            serving.sha256 = adapter.manifest_sha256
+        return model_pb2.ModelInfo(
+            base_model=self.base_model, base_model_path=self.base_model_path,
+            versions=[serving], started_at=_timestamp(self.started_at), swaps=engine.swaps,
+        )

@@ -1,0 +1,87 @@
+"""Watches the registry and hands each new, verified version to the engine.
+
+Reading and checking a version (sha256 of every file against its manifest, base model
+identity) happens on this thread; the engine only installs tensors already in memory,
+between two batches. A version that fails a check is never served, and never retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+
+from kaizen.errors import CorruptVersion
+from kaizen.registry import MANIFEST, Registry, version_number
+from server import metrics
+from server.engine import Adapter, Engine
+
+log = logging.getLogger(__name__)
+
+
+def read_adapter(registry: Registry, version: str, base_model: str) -> Adapter:
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    manifest = registry.verify(version)
+    if manifest.base_model != base_model:
+        raise CorruptVersion(
+            f"{version} was trained on base model {manifest.base_model!r}; "
+            f"this server serves {base_model!r}"
+        )
+    root = registry.path(version)
+    manifest_sha = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
+    return Adapter(
+        version=version,
+        config=LoraConfig.from_pretrained(root),
+        state_dict=load_file(root / "adapter_model.safetensors"),
+        manifest_sha256=manifest_sha,
+        published_at=manifest.created_at,
+    )
+
+
+class RegistryWatcher:
+    def __init__(self, registry: Registry, engine: Engine, base_model: str, poll_s: float) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.base_model = base_model
+        self.poll_s = poll_s
+        self.rejected: dict[str, str] = {}  # version -> why it will never be served
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kaizen-registry", daemon=True)
+
+    def start(self) -> None:
+        self.check()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception:  # a broken registry must not kill the server: log, retry
+                log.exception("checking the registry at %s failed", self.registry.root)
+
+    def check(self) -> None:
+        latest = self.registry.latest()
+        if latest in self.rejected or latest in self.engine.failed:
+            return
+        if version_number(latest) <= version_number(self.engine.newest_known()):
+            return
+        try:
+            adapter = read_adapter(self.registry, latest, self.base_model)
+        except CorruptVersion as exc:
+            self.rejected[latest] = str(exc)
+            metrics.SWAPS.labels("corrupt").inc()
+            log.error("not serving %s: %s", latest, exc)
+            return
+        except (OSError, ValueError) as exc:
+            self.rejected[latest] = f"unreadable: {exc}"
+            metrics.SWAPS.labels("incompatible").inc()
+            log.error("not serving %s: %s", latest, exc)
+            return
+        log.info("staging %s for the next batch boundary", latest)
+        self.engine.stage(adapter)
