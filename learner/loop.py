@@ -180,10 +180,10 @@ class Learner:
             log.warning("dropped a step: %s", reason)
         else:
             self.progress.steps += 1
-            metrics.LOSS.set(float(terms.loss))
+            metrics.LOSS.set(float(terms.loss.detach()))
             metrics.KL.set(float(terms.kl))
             metrics.REWARD.set(mean_reward)
-        return StepResult(reason == "ok", reason, float(terms.loss), float(terms.kl), mean_reward)
+        return StepResult(reason == "ok", reason, float(terms.loss.detach()), float(terms.kl), mean_reward)
 
     def train_pending(self) -> StepResult:
         batch, self.pending = self.pending, []

@@ -1,0 +1,100 @@
+"""Shared fixtures: the tiny model, an in-process server on port 0, a channel to it."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from kaizen import modeling
+from kaizen.registry import Registry
+from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2_grpc, model_pb2_grpc
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random model with the real tokenizer, prepared once per test session."""
+    return modeling.prepare_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def serve_config(tiny_model, tmp_path):
+    from server.config import ServeConfig
+
+    return ServeConfig(
+        model=tiny_model, buffer=f"sqlite:///{tmp_path}/buffer.db",
+        registry=tmp_path / "registry", port=0, metrics_port=0, max_new_tokens_cap=64,
+        default_max_new_tokens=8, poll_registry_s=0.05,
+    )
+
+
+@pytest.fixture
+def server(serve_config):
+    from server.app import start
+
+    running = start(serve_config)
+    yield running
+    running.stop(grace_s=1)
+
+
+@pytest.fixture
+def channel(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        yield ch
+
+
+@pytest.fixture
+def stubs(channel):
+    class Stubs:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+        feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        model = model_pb2_grpc.ModelServiceStub(channel)
+
+    return Stubs
+
+
+@pytest.fixture
+def registry(serve_config) -> Registry:
+    return Registry(serve_config.registry)
+
+
+def ask(content: str = "What is the capital of France?", max_new_tokens: int = 8,
+        temperature: float = 0.8, seed: int = 0, user_id: str = "u1") -> chat_pb2.GenerateRequest:
+    return chat_pb2.GenerateRequest(
+        messages=[chat_pb2.Message(role="user", content=content)],
+        sampling=chat_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                         seed=seed),
+        user_id=user_id,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def publish_random_adapter(registry: Registry, model_dir: Path, seed: int) -> str:
+    """Publish a LoRA adapter with random (non-zero) weights: it visibly changes the output."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = modeling.load_model(model_dir, torch.device("cpu"), torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    with registry.publish(modeling.model_info(model_dir).name, {"seed": seed}) as staging:
+        peft_model.save_pretrained(staging)
+    return registry.latest()
