@@ -122,6 +122,9 @@ class Learner:
                     if not self.pending:
                         self.first_pending_at = time.monotonic()
                     self.pending.append((sample, r))
+            if not self.pending:  # only reward-less events read: nothing is owed to them
+                self.progress.cursor = self.read_cursor
+                metrics.CURSOR.set(self.progress.cursor)
 
     def ready(self, batch_wait_s: float) -> bool:
         """A full batch, or a partial one that has waited long enough."""

@@ -1,0 +1,172 @@
+"""The learner: rewards, the REINFORCE loss, its direction, its guards, exactly-once restarts."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from kaizen.buffer import SQLiteBuffer
+from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
+from kaizen.registry import Registry
+from learner.config import LearnerConfig
+from learner.loop import Learner
+from learner.reinforce import reinforce_loss, response_logprobs, token_kl
+from learner.rewards import reward
+
+
+def fb(kind: FeedbackKind, value: float = 0.0, text: str = "") -> Feedback:
+    return Feedback("e", "r", "u", kind, value, text)
+
+
+@pytest.mark.parametrize(
+    "event, expected",
+    [
+        (fb(FeedbackKind.THUMB, 1), 1.0),
+        (fb(FeedbackKind.THUMB, -1), -1.0),
+        (fb(FeedbackKind.RATING, 1), -1.0),
+        (fb(FeedbackKind.RATING, 3), 0.0),
+        (fb(FeedbackKind.RATING, 5), 1.0),
+        (fb(FeedbackKind.COPY), 0.5),
+        (fb(FeedbackKind.CLICK), 0.1),
+        (fb(FeedbackKind.DWELL, 15_000), 0.15),
+        (fb(FeedbackKind.DWELL, 120_000), 0.3),
+        (fb(FeedbackKind.REGENERATE), -0.5),
+        (fb(FeedbackKind.CORRECTION, text="Paris."), -0.5),
+        (fb(FeedbackKind.COMMENT, text="too long"), None),
+    ],
+)
+def test_reward_of_each_kind(event, expected):
+    assert reward(event) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    assert torch.allclose(token_kl(logits, logits), torch.zeros(2, 5), atol=1e-6)
+    assert (token_kl(logits, torch.randn(2, 5, 11))[:, 1:] > 0).all()
+
+
+def test_reinforce_loss_by_hand():
+    """Uniform logits over V=4: every token has log-prob −log 4, KL is 0."""
+    logits = torch.zeros(1, 3, 4, requires_grad=True)
+    ids = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[0, 1, 1]])  # the last two tokens are the response
+    terms = reinforce_loss(logits, logits.detach(), ids, mask, torch.tensor([0.5]), kl_coef=0.1)
+    assert float(terms.pg) == pytest.approx(-0.5 * 2 * -math.log(4))
+    assert float(terms.kl) == pytest.approx(0.0, abs=1e-7)
+    assert float(response_logprobs(logits.detach(), ids)[0, 0]) == 0.0
+
+
+def make_generation(tokenizer, response_id: str, answer: str) -> Generation:
+    from kaizen.modeling import chat_prompt_ids
+
+    messages = [{"role": "user", "content": "Say something."}]
+    response = tokenizer.encode(answer, add_special_tokens=False) + [2]
+    return Generation(
+        response_id=response_id, user_id="u", request_id="", model_version="v0",
+        messages=messages, prompt_tokens=chat_prompt_ids(tokenizer, messages),
+        response_tokens=response, behaviour_logprobs=[-1.0] * len(response), text=answer,
+        finish_reason="stop", sampling=Sampling(temperature=1.0, seed=1), created_at=time.time(),
+    )
+
+
+@pytest.fixture
+def learner_config(tiny_model, tmp_path):
+    return LearnerConfig(
+        model=tiny_model, buffer=f"sqlite:///{tmp_path}/buffer.db", registry=tmp_path / "registry",
+        publish_every=2, batch_size=2, lr=1e-2, metrics_port=-1, batch_wait_s=0.0, poll_s=0.05,
+    )
+
+
+def seq_logprob(learner: Learner, generation: Generation) -> float:
+    ids = torch.tensor([generation.prompt_tokens + generation.response_tokens])
+    with torch.no_grad():
+        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)
+    return float(logp[0, len(generation.prompt_tokens):].sum())
+
+
+@pytest.mark.parametrize("up", [True, False])
+def test_a_step_moves_the_answer_the_way_its_feedback_asks(learner_config, up):
+    learner = Learner(learner_config)
+    g = make_generation(learner.tokenizer, "r1", "Paris is the capital.")
+    learner.buffer.append_generation(g)
+    learner.buffer.append_feedback([Feedback("e1", "r1", "u", FeedbackKind.THUMB, 1 if up else -1)])
+    before = seq_logprob(learner, g)
+    learner.fill()
+    for _ in range(3):  # the same sample three times: each step pushes the same way
+        result = learner.step(list(learner.pending))
+        assert result.ok
+    after = seq_logprob(learner, g)
+    assert (after > before) if up else (after < before)
+
+
+def test_a_nonfinite_loss_drops_the_step_and_leaves_the_weights(learner_config):
+    learner = Learner(learner_config)
+    g = make_generation(learner.tokenizer, "r1", "Hello.")
+    learner.buffer.append_generation(g)
+    learner.buffer.append_feedback([Feedback("e1", "r1", "u", FeedbackKind.THUMB, 1)])
+    learner.fill()
+    (sample, _), = learner.pending
+    weights = [p.detach().clone() for p in learner.params]
+    result = learner.step([(sample, float("nan"))])
+    assert not result.ok and result.reason == "nonfinite_loss"
+    assert all(torch.equal(a, b) for a, b in zip(weights, learner.params, strict=True))
+
+
+def add_thumbs(buffer: SQLiteBuffer, tokenizer, start: int, count: int) -> None:
+    for i in range(start, start + count):
+        buffer.append_generation(make_generation(tokenizer, f"r{i}", f"Answer number {i}."))
+        buffer.append_feedback([Feedback(f"e{i}", f"r{i}", "u", FeedbackKind.THUMB,
+                                         1 if i % 2 else -1)])
+
+
+def test_a_restarted_learner_neither_repeats_nor_skips(learner_config):
+    first = Learner(learner_config)
+    add_thumbs(first.buffer, first.tokenizer, 0, 5)
+    # Train until 4 samples are in: two versions published (cursor 2, then 4)...
+    while first.progress.samples < 4:
+        first.fill()
+        first.train_pending()
+        if first.since_publish >= learner_config.publish_every:
+            first.publish()
+    # ...then one more trained but never published, and the process dies.
+    first.fill()
+    first.train_pending()
+    assert first.progress.cursor == 5 and first.version == "v2"
+    first.buffer.close()
+
+    second = Learner(learner_config)
+    assert second.version == "v2" and second.progress.cursor == 4
+    assert second.progress.steps == first.progress.steps - 1
+    add_thumbs(second.buffer, second.tokenizer, 5, 1)
+    second.fill()
+    assert [s.feedback.event_id for s, _ in second.pending] == ["e4", "e5"]
+    manifest = Registry(learner_config.registry).manifest("v2")
+    assert manifest.metadata["cursor"] == 4 and manifest.parent == "v1"
+
+
+def test_run_publishes_every_n_rewarded_samples_and_skips_unscored_comments(learner_config):
+    learner = Learner(learner_config)
+    add_thumbs(learner.buffer, learner.tokenizer, 0, 4)
+    g = make_generation(learner.tokenizer, "rc", "A reply.")
+    learner.buffer.append_generation(g)
+    learner.buffer.append_feedback([Feedback("ec", "rc", "u", FeedbackKind.COMMENT, text="hmm")])
+    stop = threading.Event()
+    runner = threading.Thread(target=learner.run, args=(stop,))
+    runner.start()
+    deadline = time.monotonic() + 60
+    registry = Registry(learner_config.registry)
+    try:
+        while registry.latest() != "v2" or learner.progress.cursor < 5:
+            assert time.monotonic() < deadline, "the learner did not publish two versions"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join()
+    assert registry.versions() == ["v1", "v2"]
+    assert learner.progress.samples == 4  # the comment was read but gave no reward
+    assert registry.manifest("v1").metadata["window_samples"] == 2
