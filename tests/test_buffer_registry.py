@@ -1,0 +1,112 @@
+"""The replay buffer (SQLite) and the weight registry, against the real thing on disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kaizen.buffer import SQLiteBuffer, open_buffer
+from kaizen.errors import AlreadyExists, CorruptVersion, InvalidArgument, ResourceExhausted
+from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
+from kaizen.registry import Registry
+
+
+def generation(rid: str) -> Generation:
+    return Generation(
+        response_id=rid, user_id="u", request_id="q", model_version="v0",
+        messages=[{"role": "user", "content": "hi"}], prompt_tokens=[1, 2, 3],
+        response_tokens=[4, 5], behaviour_logprobs=[-0.5, -1.5], text="ok",
+        finish_reason="stop", sampling=Sampling(max_new_tokens=2, seed=9), created_at=time.time(),
+    )
+
+
+def thumb(eid: str, rid: str, value: float = 1.0) -> Feedback:
+    return Feedback(eid, rid, "u", FeedbackKind.THUMB, value)
+
+
+def test_events_survive_a_reopen_and_join_in_order(tmp_path):
+    url = f"sqlite:///{tmp_path}/b.db"
+    buffer = open_buffer(url)
+    buffer.append_generation(generation("r1"))
+    buffer.append_feedback([thumb("e1", "r1"), thumb("e2", "r1", -1.0)])
+    buffer.close()
+    reopened = open_buffer(url)
+    samples = reopened.read_samples(0, 10)
+    assert [(s.seq, s.feedback.event_id, s.feedback.value) for s in samples] == [
+        (1, "e1", 1.0), (2, "e2", -1.0)]
+    g = samples[0].generation
+    assert (g.response_tokens, g.behaviour_logprobs, g.sampling.seed) == ([4, 5], [-0.5, -1.5], 9)
+    assert [s.feedback.event_id for s in reopened.read_samples(1, 10)] == ["e2"]
+    assert reopened.last_seq() == 2
+    reopened.close()
+
+
+def test_duplicates_conflicts_and_unknown_answers(tmp_path):
+    buffer = SQLiteBuffer(tmp_path / "b.db")
+    buffer.append_generation(generation("r1"))
+    assert buffer.append_feedback([thumb("e1", "r1")]).new == (True,)
+    assert buffer.append_feedback([thumb("e1", "r1")]).new == (False,)
+    with pytest.raises(AlreadyExists, match="event_id"):
+        buffer.append_feedback([thumb("e1", "r1", -1.0)])
+    with pytest.raises(InvalidArgument, match="response_id"):
+        buffer.append_feedback([thumb("e2", "r1"), thumb("e3", "r-missing")])
+    assert [s.feedback.event_id for s in buffer.read_samples(0, 10)] == ["e1"]  # e2 rolled back
+    buffer.close()
+
+
+def test_concurrent_writers_all_land_once(tmp_path):
+    buffer = SQLiteBuffer(tmp_path / "b.db")
+    buffer.append_generation(generation("r1"))
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: buffer.append_feedback([thumb(f"e{i % 100}", "r1")]),
+                                range(200)))
+    assert sum(r.accepted for r in results) == 100 and sum(r.duplicates for r in results) == 100
+    assert len(buffer.read_samples(0, 1000)) == 100
+    buffer.close()
+
+
+def test_a_full_write_queue_refuses_at_once(tmp_path):
+    buffer = SQLiteBuffer(tmp_path / "b.db", max_pending=2, timeout_s=30)
+    buffer.append_generation(generation("r1"))
+    blocker = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    waiting = [threading.Thread(target=buffer.append_feedback, args=([thumb(f"e{i}", "r1")],))
+               for i in range(3)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.5)  # one job is in the writer's hands, two wait in the queue
+    with pytest.raises(ResourceExhausted, match="pending"):
+        buffer.append_feedback([thumb("e-late", "r1")])
+    blocker.execute("ROLLBACK")
+    for t in waiting:
+        t.join()
+    assert len(buffer.read_samples(0, 10)) == 3
+    buffer.close()
+
+
+def test_bad_buffer_url_names_the_flag():
+    with pytest.raises(ValueError, match="--buffer"):
+        open_buffer("postgres://somewhere")
+
+
+def test_publish_is_atomic_and_verified(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    assert registry.latest() == "v0"
+    with registry.publish("base", {"note": 1}) as staging:
+        (staging / "weights.bin").write_bytes(b"abc")
+    assert registry.versions() == ["v1"]
+    manifest = registry.verify("v1")
+    assert manifest.parent == "v0" and manifest.metadata == {"note": 1}
+    assert set(manifest.files) == {"weights.bin"}
+    with pytest.raises(RuntimeError), registry.publish("base") as staging:
+        (staging / "weights.bin").write_bytes(b"half")
+        raise RuntimeError("the publisher died mid-write")
+    assert registry.versions() == ["v1"]
+    assert not any(p.name.startswith(".staging") for p in (tmp_path / "reg").iterdir())
+    (registry.path("v1") / "weights.bin").write_bytes(b"abd")
+    with pytest.raises(CorruptVersion, match="weights.bin"):
+        registry.verify("v1")
