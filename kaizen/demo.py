@@ -22,8 +22,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kaizen.registry import Registry
-from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc
-from kaizen.v1 import model_pb2, model_pb2_grpc
+from kaizen.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -50,8 +56,9 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kaizen.cli", *args],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kaizen.cli", *args], stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
 
 
 def _wait_serving(channel: grpc.Channel, server: subprocess.Popen, log: Path) -> None:
@@ -82,15 +89,23 @@ class Users:
     def one(self, i: int) -> tuple[str, int, int, str]:
         prompt = PROMPTS[i % len(PROMPTS)]
         user = f"user-{i % 5}"
-        reply = self.chat.Generate(chat_pb2.GenerateRequest(
-            messages=[chat_pb2.Message(role="user", content=prompt)],
-            sampling=chat_pb2.SamplingParams(max_new_tokens=48, temperature=0.8, seed=i + 1),
-            user_id=user))
+        reply = self.chat.Generate(
+            chat_pb2.GenerateRequest(
+                messages=[chat_pb2.Message(role="user", content=prompt)],
+                sampling=chat_pb2.SamplingParams(max_new_tokens=48, temperature=0.8, seed=i + 1),
+                user_id=user,
+            )
+        )
         words = len(reply.text.split())
         liked = words <= LIKED_MAX_WORDS
-        self.feedback.SubmitFeedback(feedback_pb2.Feedback(
-            event_id=str(uuid.uuid4()), response_id=reply.response_id, user_id=user,
-            thumb=feedback_pb2.THUMB_UP if liked else feedback_pb2.THUMB_DOWN))
+        self.feedback.SubmitFeedback(
+            feedback_pb2.Feedback(
+                event_id=str(uuid.uuid4()),
+                response_id=reply.response_id,
+                user_id=user,
+                thumb=feedback_pb2.THUMB_UP if liked else feedback_pb2.THUMB_DOWN,
+            )
+        )
         return reply.model_version, words, 1 if liked else -1, prompt
 
     def round(self, n: int) -> list[tuple[str, int, int, str]]:
@@ -111,14 +126,32 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
     shutil.rmtree(DATA, ignore_errors=True)
     DATA.mkdir(parents=True)
     port = _free_port()
-    common = ["--model", str(model), "--buffer", f"sqlite:///{DATA}/buffer.db",
-              "--registry", str(DATA / "registry")]
+    common = [
+        "--model",
+        str(model),
+        "--buffer",
+        f"sqlite:///{DATA}/buffer.db",
+        "--registry",
+        str(DATA / "registry"),
+    ]
     print(f"kaizen demo: data in {DATA}/, logs in {DATA}/serve.log and {DATA}/learn.log")
-    server = _start(["serve", *common, "--port", str(port), "--metrics-port",
-                     str(_free_port())], DATA / "serve.log")
-    learner = _start(["learn", *common, "--publish-every", str(publish_every),
-                      "--batch-size", str(publish_every), "--metrics-port", "-1"],
-                     DATA / "learn.log")
+    server = _start(
+        ["serve", *common, "--port", str(port), "--metrics-port", str(_free_port())],
+        DATA / "serve.log",
+    )
+    learner = _start(
+        [
+            "learn",
+            *common,
+            "--publish-every",
+            str(publish_every),
+            "--batch-size",
+            str(publish_every),
+            "--metrics-port",
+            "-1",
+        ],
+        DATA / "learn.log",
+    )
     started = time.monotonic()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -134,7 +167,8 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
                 while users.serving() != wanted:
                     if learner.poll() is not None:
                         raise RuntimeError(
-                            f"kaizen learn exited:\n{(DATA / 'learn.log').read_text()[-3000:]}")
+                            f"kaizen learn exited:\n{(DATA / 'learn.log').read_text()[-3000:]}"
+                        )
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{wanted} was not served within 600 s")
                     time.sleep(0.5)
@@ -162,5 +196,7 @@ def _summary(registry: Registry) -> None:
         meta = m.metadata
         mean = meta.get("window_mean_reward")
         mean_text = f"{mean:+.2f}" if isinstance(mean, float) else "  n/a"
-        print(f"  {version:>7}  {m.parent:>6}  {meta.get('window_samples', 0):7d}  "
-              f"{mean_text:>11}  {meta.get('steps', 0):5d}  {meta.get('cursor', 0):6d}")
+        print(
+            f"  {version:>7}  {m.parent:>6}  {meta.get('window_samples', 0):7d}  "
+            f"{mean_text:>11}  {meta.get('steps', 0):5d}  {meta.get('cursor', 0):6d}"
+        )

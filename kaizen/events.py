@@ -24,9 +24,9 @@ class Sampling:
     """How an answer was sampled; logged with it so the learner can recompute its policy."""
 
     max_new_tokens: int = 256  # tokens generated at most
-    temperature: float = 0.7   # 0 = greedy
-    top_p: float = 1.0         # nucleus mass kept; 1 = no truncation
-    seed: int = 0              # 0 = drawn at random; the drawn seed is logged instead
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept; 1 = no truncation
+    seed: int = 0  # 0 = drawn at random; the drawn seed is logged instead
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,14 @@ class Generation:
     user_id: str
     request_id: str
     model_version: str
-    messages: list[dict[str, str]]   # the conversation that was answered
-    prompt_tokens: list[int]         # chat-templated prompt, as fed to the model
-    response_tokens: list[int]       # sampled tokens, the stop token included when one was hit
+    messages: list[dict[str, str]]  # the conversation that was answered
+    prompt_tokens: list[int]  # chat-templated prompt, as fed to the model
+    response_tokens: list[int]  # sampled tokens, the stop token included when one was hit
     behaviour_logprobs: list[float]  # log μ(token) under the sampling distribution actually used
     text: str
-    finish_reason: str               # "stop" | "length"
+    finish_reason: str  # "stop" | "length"
     sampling: Sampling
-    created_at: float                # unix seconds
+    created_at: float  # unix seconds
 
     def to_row(self) -> dict[str, object]:
         row = asdict(self)
@@ -71,7 +71,7 @@ class Feedback:
     user_id: str
     kind: FeedbackKind
     value: float = 0.0  # thumb ±1, rating 1..5, dwell in ms; 0 where the kind says it all
-    text: str = ""      # comment or correction
+    text: str = ""  # comment or correction
     received_at: float = field(default=0.0, compare=False)  # unix seconds
 
     def payload_sha256(self) -> str:

@@ -45,7 +45,9 @@ def prepare(out: Path) -> Path:
     """Dequantise the shipped GGUF into a float32 safetensors checkpoint at `out`."""
     source = gguf_dir()
     tokenizer = _gguf_tokenizer()
-    quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=GGUF_FILE, dtype=torch.float32
+    )
     config = quantised.config
     # The loaded model still calls itself GGUF-quantised and refuses save_pretrained;
     # its weights are already plain float32, so move them into a plain model.
@@ -53,7 +55,12 @@ def prepare(out: Path) -> Path:
     config._name_or_path = "SmolLM2-135M-Instruct"
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantised.state_dict(), strict=True)
-    _save(model, tokenizer, out, {"name": "SmolLM2-135M-Instruct", "source": f"{GGUF_PACKAGE}/{GGUF_FILE}"})
+    _save(
+        model,
+        tokenizer,
+        out,
+        {"name": "SmolLM2-135M-Instruct", "source": f"{GGUF_PACKAGE}/{GGUF_FILE}"},
+    )
     return out
 
 

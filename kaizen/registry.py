@@ -39,8 +39,8 @@ class Manifest:
     version: str
     parent: str
     base_model: str
-    created_at: float           # unix seconds
-    files: dict[str, str]       # file name -> sha256
+    created_at: float  # unix seconds
+    files: dict[str, str]  # file name -> sha256
     metadata: dict[str, object]  # what the publisher wants to record (steps, rewards, cursor)
 
     @property
@@ -115,9 +115,7 @@ class Registry:
         return manifest
 
     @contextmanager
-    def publish(
-        self, base_model: str, metadata: dict[str, object] | None = None
-    ) -> Iterator[Path]:
+    def publish(self, base_model: str, metadata: dict[str, object] | None = None) -> Iterator[Path]:
         """Yield a staging directory to fill; on exit, publish it as the next version.
 
         The new version's manifest is readable as `self.manifest(self.latest())` after.

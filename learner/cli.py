@@ -11,7 +11,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     from learner.config import LearnerConfig
 
     parser = commands.add_parser(
-        "learn", help="learn from logged feedback and publish new versions",
+        "learn",
+        help="learn from logged feedback and publish new versions",
         description="Tail the replay buffer from a persisted cursor, turn feedback into "
         "rewards, update a LoRA adapter with REINFORCE (baseline, KL to the base model), and "
         "publish a new version to the registry every --publish-every rewarded samples.",
@@ -34,8 +35,11 @@ def _learn(config) -> int:
         metrics_at = f"metrics on http://127.0.0.1:{http.server_port}/metrics"
     else:
         metrics_at = "no metrics endpoint"
-    print(f"kaizen learn: from {learner.version}, cursor {learner.progress.cursor}, "
-          f"on {learner.device}; {metrics_at}", flush=True)
+    print(
+        f"kaizen learn: from {learner.version}, cursor {learner.progress.cursor}, "
+        f"on {learner.device}; {metrics_at}",
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -24,7 +24,9 @@ class LearnerConfig:
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
     lora_targets: str = option("q_proj,v_proj", "comma-separated module names that get LoRA")
     device: str = option("auto", "torch device: auto, cpu, cuda …")
-    batch_wait_s: float = option(2.0, "train on a partial batch once its first sample waited this long")
+    batch_wait_s: float = option(
+        2.0, "train on a partial batch once its first sample waited this long"
+    )
     poll_s: float = option(0.5, "how often an idle learner looks for new feedback")
     metrics_port: int = option(9401, "Prometheus /metrics HTTP port; 0 picks one, -1 none")
     max_steps: int = option(0, "stop after this many gradient steps (0 = run until stopped)")

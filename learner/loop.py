@@ -34,10 +34,10 @@ STATE_FILE = "learner_state.pt"
 class Progress:
     """What a published version remembers about the learner that made it."""
 
-    cursor: int = 0          # every feedback event with seq ≤ cursor is in the weights
-    baseline: float = 0.0    # running-mean reward
+    cursor: int = 0  # every feedback event with seq ≤ cursor is in the weights
+    baseline: float = 0.0  # running-mean reward
     steps: int = 0
-    samples: int = 0         # rewarded samples trained on, all versions together
+    samples: int = 0  # rewarded samples trained on, all versions together
     window_rewards: list[float] = field(default_factory=list)  # since the last publish
 
 
@@ -79,15 +79,23 @@ class Learner:
             self.model = PeftModel.from_pretrained(base, path, is_trainable=True)
             state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
             self.progress = Progress(
-                cursor=int(state["cursor"]), baseline=float(state["baseline"]),
-                steps=int(state["steps"]), samples=int(state["samples"]),
+                cursor=int(state["cursor"]),
+                baseline=float(state["baseline"]),
+                steps=int(state["steps"]),
+                samples=int(state["samples"]),
             )
-            log.info("resuming from %s: cursor %d, %d steps", self.version,
-                     self.progress.cursor, self.progress.steps)
+            log.info(
+                "resuming from %s: cursor %d, %d steps",
+                self.version,
+                self.progress.cursor,
+                self.progress.steps,
+            )
         else:
             torch.manual_seed(config.seed)
             lora = LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=0.0,
                 target_modules=[m.strip() for m in config.lora_targets.split(",") if m.strip()],
                 task_type="CAUSAL_LM",
             )
@@ -110,8 +118,9 @@ class Learner:
         """Read events after the cursor until a batch is full or the buffer is drained."""
         while len(self.pending) < self.config.batch_size:
             # never read more rows than the batch can take, so nothing read is left over
-            rows = self.buffer.read_samples(self.read_cursor,
-                                            self.config.batch_size - len(self.pending))
+            rows = self.buffer.read_samples(
+                self.read_cursor, self.config.batch_size - len(self.pending)
+            )
             if not rows:
                 return
             for sample in rows:
@@ -146,7 +155,7 @@ class Learner:
             n_prompt = len(sample.generation.prompt_tokens)
             ids[i, : len(rows[i])] = torch.tensor(rows[i])
             attention[i, : len(rows[i])] = 1
-            mask[i, n_prompt: len(rows[i])] = 1
+            mask[i, n_prompt : len(rows[i])] = 1
         rewards = torch.tensor([r for _, r in batch], dtype=torch.float32)
         to = self.device
         return ids.to(to), attention.to(to), mask.to(to), rewards.to(to)
@@ -186,7 +195,9 @@ class Learner:
             metrics.LOSS.set(float(terms.loss.detach()))
             metrics.KL.set(float(terms.kl))
             metrics.REWARD.set(mean_reward)
-        return StepResult(reason == "ok", reason, float(terms.loss.detach()), float(terms.kl), mean_reward)
+        return StepResult(
+            reason == "ok", reason, float(terms.loss.detach()), float(terms.kl), mean_reward
+        )
 
     def train_pending(self) -> StepResult:
         batch, self.pending = self.pending, []
@@ -229,8 +240,13 @@ class Learner:
         self.since_publish = 0
         metrics.PUBLISHED.inc()
         metrics.VERSION.set(version_number(self.version))
-        log.info("published %s: cursor %d, %d steps, mean reward %s", self.version,
-                 self.progress.cursor, self.progress.steps, metadata["window_mean_reward"])
+        log.info(
+            "published %s: cursor %d, %d steps, mean reward %s",
+            self.version,
+            self.progress.cursor,
+            self.progress.steps,
+            metadata["window_mean_reward"],
+        )
         return self.version
 
     def run(self, stop: threading.Event) -> None:

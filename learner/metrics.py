@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-SAMPLES = Counter("kaizen_learner_samples_total", "Feedback events read, by whether they gave "
-                  "a reward", ["rewarded"])
-STEPS = Counter("kaizen_learner_steps_total", "Gradient steps, by result (ok, or why dropped)",
-                ["result"])
-STEP_SECONDS = Histogram("kaizen_learner_step_seconds", "Wall time of one gradient step",
-                         buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
+SAMPLES = Counter(
+    "kaizen_learner_samples_total",
+    "Feedback events read, by whether they gave a reward",
+    ["rewarded"],
+)
+STEPS = Counter(
+    "kaizen_learner_steps_total", "Gradient steps, by result (ok, or why dropped)", ["result"]
+)
+STEP_SECONDS = Histogram(
+    "kaizen_learner_step_seconds",
+    "Wall time of one gradient step",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
 REWARD = Gauge("kaizen_learner_reward_mean", "Mean reward of the last step's samples")
 BASELINE = Gauge("kaizen_learner_baseline", "Running-mean reward baseline")
 KL = Gauge("kaizen_learner_kl", "Mean per-token KL to the reference in the last step")

@@ -22,37 +22,37 @@ import torch
 
 @dataclass(frozen=True)
 class Terms:
-    loss: torch.Tensor   # scalar, differentiable
-    pg: torch.Tensor     # policy-gradient part, scalar
-    kl: torch.Tensor     # mean per-token KL, scalar
+    loss: torch.Tensor  # scalar, differentiable
+    pg: torch.Tensor  # policy-gradient part, scalar
+    kl: torch.Tensor  # mean per-token KL, scalar
 
 
 def response_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log p(ids[t] | ids[<t]) for t ≥ 1; position 0 gets 0. (B, T, V), (B, T) → (B, T)"""
-    logp = logits[:, :-1].float().log_softmax(-1)                      # (B, T-1, V)
-    picked = logp.gather(-1, ids[:, 1:, None])[..., 0]                 # (B, T-1)
-    return torch.nn.functional.pad(picked, (1, 0))                     # (B, T)
+    logp = logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+    picked = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    return torch.nn.functional.pad(picked, (1, 0))  # (B, T)
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """KL(π_θ ‖ π_ref) of the next-token distributions that predict each token. → (B, T)"""
-    logp = logits[:, :-1].float().log_softmax(-1)                      # (B, T-1, V)
-    ref_logp = ref_logits[:, :-1].float().log_softmax(-1)              # (B, T-1, V)
-    kl = (logp.exp() * (logp - ref_logp)).sum(-1)                      # (B, T-1)
-    return torch.nn.functional.pad(kl, (1, 0))                         # (B, T)
+    logp = logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+    ref_logp = ref_logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # (B, T-1)
+    return torch.nn.functional.pad(kl, (1, 0))  # (B, T)
 
 
 def reinforce_loss(
-    logits: torch.Tensor,      # (B, T, V) policy
+    logits: torch.Tensor,  # (B, T, V) policy
     ref_logits: torch.Tensor,  # (B, T, V) reference, no grad
-    ids: torch.Tensor,         # (B, T)
-    mask: torch.Tensor,        # (B, T) 1 on response tokens
+    ids: torch.Tensor,  # (B, T)
+    mask: torch.Tensor,  # (B, T) 1 on response tokens
     advantages: torch.Tensor,  # (B,) reward − baseline
     kl_coef: float,
 ) -> Terms:
     mask = mask.float()
-    logp = response_logprobs(logits, ids) * mask                        # (B, T)
-    seq_logp = logp.sum(-1)                                             # (B,)
+    logp = response_logprobs(logits, ids) * mask  # (B, T)
+    seq_logp = logp.sum(-1)  # (B,)
     pg = -(advantages.detach() * seq_logp).mean()
     kl_per_seq = (token_kl(logits, ref_logits) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     kl = kl_per_seq.mean()

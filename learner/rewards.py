@@ -10,8 +10,8 @@ Defaults, one per kind of feedback:
 | click       | +0.1                                     | weak interest |
 | dwell_ms    | +0.3 × min(1, dwell_s / 30)              | reading time, saturating |
 | regenerate  | −0.5                                     | the user asked for another answer |
-| correction  | −0.5 (the answer needed correcting)      | the corrected text itself becomes a target later |
-| comment     | none: skipped until a judge scores comments | free text carries no sign by itself |
+| correction  | −0.5 (the answer needed correcting)      | the correction becomes a target later |
+| comment     | none: skipped until a judge scores it    | free text carries no sign by itself |
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from kaizen.events import Feedback, FeedbackKind
 
 @dataclass(frozen=True)
 class RewardWeights:
-    thumb: float = 1.0        # multiplies ±1
-    rating: float = 1.0       # multiplies (rating − 3) / 2
+    thumb: float = 1.0  # multiplies ±1
+    rating: float = 1.0  # multiplies (rating − 3) / 2
     copy: float = 0.5
     click: float = 0.1
-    dwell: float = 0.3        # reward at or beyond dwell_full_s
+    dwell: float = 0.3  # reward at or beyond dwell_full_s
     dwell_full_s: float = 30.0
     regenerate: float = -0.5
     correction: float = -0.5

@@ -18,8 +18,14 @@ from kaizen import modeling
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.events import Sampling
 from kaizen.registry import Registry
-from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc
-from kaizen.v1 import model_pb2, model_pb2_grpc
+from kaizen.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+)
 from server.config import ServeConfig
 from server.convert import Limits
 from server.engine import Engine
@@ -69,8 +75,14 @@ def start(config: ServeConfig) -> RunningServer:
 
     buffer = open_buffer(config.buffer)
     registry = Registry(config.registry)
-    engine = Engine(model, stop_ids, tokenizer.pad_token_id, device,
-                    max_batch=config.max_batch, max_queue=config.max_queue)
+    engine = Engine(
+        model,
+        stop_ids,
+        tokenizer.pad_token_id,
+        device,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+    )
     watcher = RegistryWatcher(registry, engine, info.name, config.poll_registry_s)
     watcher.check()  # serve the newest version from the first request on
     engine.install_staged()
@@ -79,8 +91,9 @@ def start(config: ServeConfig) -> RunningServer:
 
     limits = Limits(
         max_new_tokens_cap=config.max_new_tokens_cap,
-        default_sampling=Sampling(max_new_tokens=config.default_max_new_tokens,
-                                  temperature=config.default_temperature),
+        default_sampling=Sampling(
+            max_new_tokens=config.default_max_new_tokens, temperature=config.default_temperature
+        ),
         max_context=info.max_context,
     )
     server = grpc.server(
@@ -88,14 +101,17 @@ def start(config: ServeConfig) -> RunningServer:
         interceptors=[ErrorInterceptor()],
     )
     chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatService(engine, tokenizer, stop_ids, buffer, limits), server)
+        ChatService(engine, tokenizer, stop_ids, buffer, limits), server
+    )
     feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackService(buffer), server)
     model_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(engine, info.name, str(config.model), time.time()), server)
+        ModelService(engine, info.name, str(config.model), time.time()), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
@@ -103,15 +119,25 @@ def start(config: ServeConfig) -> RunningServer:
     server.start()
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, metrics_http.server_port, engine, watcher, buffer,
-                         health_servicer, metrics_http)
+    return RunningServer(
+        server,
+        port,
+        metrics_http.server_port,
+        engine,
+        watcher,
+        buffer,
+        health_servicer,
+        metrics_http,
+    )
 
 
 def serve(config: ServeConfig) -> int:
     running = start(config)
-    print(f"kaizen serve: gRPC on {config.host}:{running.port}, metrics on "
-          f"http://{config.host}:{running.metrics_port}/metrics, serving {running.engine.version}",
-          flush=True)
+    print(
+        f"kaizen serve: gRPC on {config.host}:{running.port}, metrics on "
+        f"http://{config.host}:{running.metrics_port}/metrics, serving {running.engine.version}",
+        flush=True,
+    )
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

@@ -11,7 +11,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     from server.config import ServeConfig
 
     parser = commands.add_parser(
-        "serve", help="answer chat requests over gRPC and log them for learning",
+        "serve",
+        help="answer chat requests over gRPC and log them for learning",
         description="Serve the model over gRPC (ChatService, FeedbackService, ModelService, "
         "health, reflection), record every answer and feedback event in the replay buffer, "
         "and hot-swap each new version the learner publishes to the registry.",

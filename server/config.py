@@ -18,8 +18,11 @@ class ServeConfig:
     port: int = option(50051, "gRPC port; 0 picks a free one")
     metrics_port: int = option(9400, "Prometheus /metrics HTTP port; 0 picks a free one")
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1 …")
-    dtype: str = option("auto", "weights' precision; auto = fp32 on CPU, bf16 on GPU",
-                        choices=("auto", "fp32", "bf16", "fp16"))
+    dtype: str = option(
+        "auto",
+        "weights' precision; auto = fp32 on CPU, bf16 on GPU",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
     max_batch: int = option(16, "requests decoded together in one batch at most")
     max_queue: int = option(256, "requests waiting for a batch at most; beyond, RESOURCE_EXHAUSTED")
     max_new_tokens_cap: int = option(512, "largest max_new_tokens a request may ask for")

@@ -49,9 +49,7 @@ def sampling_from_pb(request: chat_pb2.GenerateRequest, limits: Limits) -> Sampl
     s = request.sampling
     cap = limits.max_new_tokens_cap
     if not 1 <= s.max_new_tokens <= cap:
-        raise InvalidArgument(
-            "sampling.max_new_tokens", f"{s.max_new_tokens} is outside 1..{cap}"
-        )
+        raise InvalidArgument("sampling.max_new_tokens", f"{s.max_new_tokens} is outside 1..{cap}")
     if not 0.0 <= s.temperature <= 2.0:  # NaN fails this too
         raise InvalidArgument("sampling.temperature", f"{s.temperature} is outside 0..2")
     if not 0.0 <= s.top_p <= 1.0:
@@ -111,6 +109,10 @@ def feedback_from_pb(fb: feedback_pb2.Feedback, where: str = "") -> Feedback:
             )
     kind = FeedbackKind("dwell" if signal == "dwell_ms" else signal)
     return Feedback(
-        event_id=fb.event_id, response_id=fb.response_id, user_id=fb.user_id,
-        kind=kind, value=value, text=text,
+        event_id=fb.event_id,
+        response_id=fb.response_id,
+        user_id=fb.user_id,
+        kind=kind,
+        value=value,
+        text=text,
     )

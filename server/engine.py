@@ -63,7 +63,7 @@ class Adapter:
     """A LoRA adapter read from the registry, ready to install."""
 
     version: str
-    config: object                      # peft.LoraConfig
+    config: object  # peft.LoraConfig
     state_dict: dict[str, torch.Tensor]
     manifest_sha256: str
     published_at: float
@@ -72,8 +72,9 @@ class Adapter:
 def resolve_seed(sampling: Sampling) -> Sampling:
     if sampling.seed:
         return sampling
-    return Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-                    secrets.randbits(63) or 1)
+    return Sampling(
+        sampling.max_new_tokens, sampling.temperature, sampling.top_p, secrets.randbits(63) or 1
+    )
 
 
 def sample_rows(
@@ -224,8 +225,9 @@ class Engine:
         metrics.SWAP_PAUSE_SECONDS.observe(pause)
         metrics.SWAPS.labels("ok").inc()
         metrics.SERVING_VERSION.set(version_number(adapter.version))
-        log.info("now serving %s (was %s; swap took %.1f ms)", adapter.version, self.version,
-                 pause * 1e3)
+        log.info(
+            "now serving %s (was %s; swap took %.1f ms)", adapter.version, self.version, pause * 1e3
+        )
         self.version, self.adapter = adapter.version, adapter
         self.serving_since = time.time()
         self.swaps += 1
@@ -271,8 +273,8 @@ class Engine:
         ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, width), dtype=torch.long)
         for i, r in enumerate(batch):  # left padding: every row's last prompt token aligns
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, width)
         cache = DynamicCache()
@@ -284,8 +286,14 @@ class Engine:
         produced = [0] * B
         steps = max(r.sampling.max_new_tokens for r in batch)
         model = self.model
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         for step in range(steps):
             tokens, logprobs = sample_rows(out.logits[:, -1, :], rows, generators)
             metrics.GENERATED_TOKENS.labels(version).inc(done.count(False))
@@ -311,5 +319,10 @@ class Engine:
             )
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], -1)
             positions = positions[:, -1:] + 1
-            out = model(input_ids=next_ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=next_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )

@@ -65,16 +65,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary), handler.request_deserializer,
-                handler.response_serializer)
+                unary(handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                streaming(handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
+                streaming(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                unary(handler.stream_unary), handler.request_deserializer,
-                handler.response_serializer)
+                unary(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream), handler.request_deserializer,
-            handler.response_serializer)
+            streaming(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )

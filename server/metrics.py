@@ -4,21 +4,34 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter("kaizen_requests_total", "RPCs finished, by method and status code",
-                   ["method", "code"])
-REQUEST_SECONDS = Histogram("kaizen_request_duration_seconds", "RPC latency", ["method"],
-                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+REQUESTS = Counter(
+    "kaizen_requests_total", "RPCs finished, by method and status code", ["method", "code"]
+)
+REQUEST_SECONDS = Histogram(
+    "kaizen_request_duration_seconds",
+    "RPC latency",
+    ["method"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
 PROMPT_TOKENS = Counter("kaizen_prompt_tokens_total", "Prompt tokens processed")
-GENERATED_TOKENS = Counter("kaizen_generated_tokens_total", "Tokens generated, by model version",
-                           ["version"])
-FEEDBACK = Counter("kaizen_feedback_events_total", "Feedback events, by kind and result",
-                   ["kind", "result"])
+GENERATED_TOKENS = Counter(
+    "kaizen_generated_tokens_total", "Tokens generated, by model version", ["version"]
+)
+FEEDBACK = Counter(
+    "kaizen_feedback_events_total", "Feedback events, by kind and result", ["kind", "result"]
+)
 SERVING_VERSION = Gauge("kaizen_serving_version", "Number N of the version vN being served")
-SWAPS = Counter("kaizen_weight_swaps_total", "Hot swaps, by result (ok, corrupt, incompatible, "
-                "failed)", ["result"])
-SWAP_PAUSE_SECONDS = Histogram("kaizen_swap_pause_seconds",
-                               "Time the decode loop spent installing a new version",
-                               buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
-BATCH_SIZE = Histogram("kaizen_batch_size", "Requests per decoded batch",
-                       buckets=(1, 2, 4, 8, 16, 32, 64))
+SWAPS = Counter(
+    "kaizen_weight_swaps_total",
+    "Hot swaps, by result (ok, corrupt, incompatible, failed)",
+    ["result"],
+)
+SWAP_PAUSE_SECONDS = Histogram(
+    "kaizen_swap_pause_seconds",
+    "Time the decode loop spent installing a new version",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+BATCH_SIZE = Histogram(
+    "kaizen_batch_size", "Requests per decoded batch", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
 QUEUE_DEPTH = Gauge("kaizen_queue_depth", "Requests waiting for a batch")

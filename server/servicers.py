@@ -16,8 +16,14 @@ from kaizen.errors import InvalidArgument, Unavailable
 from kaizen.events import Generation
 from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import BASE_VERSION
-from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc
-from kaizen.v1 import model_pb2, model_pb2_grpc
+from kaizen.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+)
 from server import metrics
 from server.convert import (
     Limits,
@@ -56,13 +62,20 @@ class TextStream:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # a multi-byte character not yet complete
             return ""
-        delta, self.text = text[len(self.text):], text
+        delta, self.text = text[len(self.text) :], text
         return delta
 
 
 class ChatService(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, engine: Engine, tokenizer, stop_ids: set[int], buffer: ReplayBuffer,
-                 limits: Limits, request_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        stop_ids: set[int],
+        buffer: ReplayBuffer,
+        limits: Limits,
+        request_timeout_s: float = 600.0,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
@@ -126,8 +139,11 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             stream.push(token_id)
         g = self._record(request, messages, job, answer, stream.text)
         return chat_pb2.GenerateResponse(
-            response_id=g.response_id, text=g.text, model_version=g.model_version,
-            finish_reason=g.finish_reason, prompt_tokens=len(g.prompt_tokens),
+            response_id=g.response_id,
+            text=g.text,
+            model_version=g.model_version,
+            finish_reason=g.finish_reason,
+            prompt_tokens=len(g.prompt_tokens),
             completion_tokens=len(g.response_tokens),
         )
 
@@ -143,8 +159,11 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             return
         g = self._record(request, messages, job, answer, stream.text)
         yield chat_pb2.GenerateChunk(
-            done=True, response_id=g.response_id, model_version=g.model_version,
-            finish_reason=g.finish_reason, prompt_tokens=len(g.prompt_tokens),
+            done=True,
+            response_id=g.response_id,
+            model_version=g.model_version,
+            finish_reason=g.finish_reason,
+            prompt_tokens=len(g.prompt_tokens),
             completion_tokens=len(g.response_tokens),
         )
 
@@ -182,8 +201,9 @@ def _timestamp(unix_s: float) -> Timestamp:
 
 
 class ModelService(model_pb2_grpc.ModelServiceServicer):
-    def __init__(self, engine: Engine, base_model: str, base_model_path: str,
-                 started_at: float) -> None:
+    def __init__(
+        self, engine: Engine, base_model: str, base_model_path: str, started_at: float
+    ) -> None:
         self.engine = engine
         self.base_model = base_model
         self.base_model_path = base_model_path
@@ -193,13 +213,17 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         engine = self.engine
         adapter = engine.adapter
         serving = model_pb2.ServedVersion(
-            version=engine.version, state="serving",
+            version=engine.version,
+            state="serving",
             serving_since=_timestamp(engine.serving_since),
         )
         if adapter is not None and engine.version != BASE_VERSION:
             serving.published_at.CopyFrom(_timestamp(adapter.published_at))
             serving.sha256 = adapter.manifest_sha256
         return model_pb2.ModelInfo(
-            base_model=self.base_model, base_model_path=self.base_model_path,
-            versions=[serving], started_at=_timestamp(self.started_at), swaps=engine.swaps,
+            base_model=self.base_model,
+            base_model_path=self.base_model_path,
+            versions=[serving],
+            started_at=_timestamp(self.started_at),
+            swaps=engine.swaps,
         )

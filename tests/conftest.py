@@ -42,9 +42,14 @@ def serve_config(tiny_model, tmp_path):
     from server.config import ServeConfig
 
     return ServeConfig(
-        model=tiny_model, buffer=f"sqlite:///{tmp_path}/buffer.db",
-        registry=tmp_path / "registry", port=0, metrics_port=0, max_new_tokens_cap=64,
-        default_max_new_tokens=8, poll_registry_s=0.05,
+        model=tiny_model,
+        buffer=f"sqlite:///{tmp_path}/buffer.db",
+        registry=tmp_path / "registry",
+        port=0,
+        metrics_port=0,
+        max_new_tokens_cap=64,
+        default_max_new_tokens=8,
+        poll_registry_s=0.05,
     )
 
 
@@ -79,12 +84,18 @@ def registry(serve_config) -> Registry:
     return Registry(serve_config.registry)
 
 
-def ask(content: str = "What is the capital of France?", max_new_tokens: int = 8,
-        temperature: float = 0.8, seed: int = 0, user_id: str = "u1") -> chat_pb2.GenerateRequest:
+def ask(
+    content: str = "What is the capital of France?",
+    max_new_tokens: int = 8,
+    temperature: float = 0.8,
+    seed: int = 0,
+    user_id: str = "u1",
+) -> chat_pb2.GenerateRequest:
     return chat_pb2.GenerateRequest(
         messages=[chat_pb2.Message(role="user", content=content)],
-        sampling=chat_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                         seed=seed),
+        sampling=chat_pb2.SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        ),
         user_id=user_id,
     )
 
@@ -101,8 +112,12 @@ def publish_random_adapter(registry: Registry, model_dir: Path, seed: int) -> st
 
     torch.manual_seed(seed)
     base = modeling.load_model(model_dir, torch.device("cpu"), torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
     with registry.publish(modeling.model_info(model_dir).name, {"seed": seed}) as staging:
         peft_model.save_pretrained(staging)
     return registry.latest()

@@ -31,10 +31,14 @@ model = model_pb2_grpc.ModelServiceStub(channel)
 
 
 def ask(i):
-    return chat.Generate(chat_pb2.GenerateRequest(
-        messages=[chat_pb2.Message(role="user", content=f"Tell me a fact, number {i}.")],
-        sampling=chat_pb2.SamplingParams(max_new_tokens=8, temperature=0.9, seed=i + 1),
-        user_id=f"user-{i % 3}", request_id=f"req-{i}"))
+    return chat.Generate(
+        chat_pb2.GenerateRequest(
+            messages=[chat_pb2.Message(role="user", content=f"Tell me a fact, number {i}.")],
+            sampling=chat_pb2.SamplingParams(max_new_tokens=8, temperature=0.9, seed=i + 1),
+            user_id=f"user-{i % 3}",
+            request_id=f"req-{i}",
+        )
+    )
 
 
 seen = {"before": [], "acks": [], "after": None, "versions": []}
@@ -43,9 +47,14 @@ i = 0
 while time.monotonic() < deadline:
     reply = ask(i)
     seen["before"].append(reply.model_version)
-    ack = feedback.SubmitFeedback(feedback_pb2.Feedback(
-        event_id=str(uuid.uuid4()), response_id=reply.response_id, user_id=f"user-{i % 3}",
-        thumb=feedback_pb2.THUMB_UP if i % 2 else feedback_pb2.THUMB_DOWN))
+    ack = feedback.SubmitFeedback(
+        feedback_pb2.Feedback(
+            event_id=str(uuid.uuid4()),
+            response_id=reply.response_id,
+            user_id=f"user-{i % 3}",
+            thumb=feedback_pb2.THUMB_UP if i % 2 else feedback_pb2.THUMB_DOWN,
+        )
+    )
     seen["acks"].append(ack.accepted)
     i += 1
     info = model.GetModelInfo(model_pb2.GetModelInfoRequest())

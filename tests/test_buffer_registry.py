@@ -17,10 +17,18 @@ from kaizen.registry import Registry
 
 def generation(rid: str) -> Generation:
     return Generation(
-        response_id=rid, user_id="u", request_id="q", model_version="v0",
-        messages=[{"role": "user", "content": "hi"}], prompt_tokens=[1, 2, 3],
-        response_tokens=[4, 5], behaviour_logprobs=[-0.5, -1.5], text="ok",
-        finish_reason="stop", sampling=Sampling(max_new_tokens=2, seed=9), created_at=time.time(),
+        response_id=rid,
+        user_id="u",
+        request_id="q",
+        model_version="v0",
+        messages=[{"role": "user", "content": "hi"}],
+        prompt_tokens=[1, 2, 3],
+        response_tokens=[4, 5],
+        behaviour_logprobs=[-0.5, -1.5],
+        text="ok",
+        finish_reason="stop",
+        sampling=Sampling(max_new_tokens=2, seed=9),
+        created_at=time.time(),
     )
 
 
@@ -37,7 +45,9 @@ def test_events_survive_a_reopen_and_join_in_order(tmp_path):
     reopened = open_buffer(url)
     samples = reopened.read_samples(0, 10)
     assert [(s.seq, s.feedback.event_id, s.feedback.value) for s in samples] == [
-        (1, "e1", 1.0), (2, "e2", -1.0)]
+        (1, "e1", 1.0),
+        (2, "e2", -1.0),
+    ]
     g = samples[0].generation
     assert (g.response_tokens, g.behaviour_logprobs, g.sampling.seed) == ([4, 5], [-0.5, -1.5], 9)
     assert [s.feedback.event_id for s in reopened.read_samples(1, 10)] == ["e2"]
@@ -62,8 +72,9 @@ def test_concurrent_writers_all_land_once(tmp_path):
     buffer = SQLiteBuffer(tmp_path / "b.db")
     buffer.append_generation(generation("r1"))
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda i: buffer.append_feedback([thumb(f"e{i % 100}", "r1")]),
-                                range(200)))
+        results = list(
+            pool.map(lambda i: buffer.append_feedback([thumb(f"e{i % 100}", "r1")]), range(200))
+        )
     assert sum(r.accepted for r in results) == 100 and sum(r.duplicates for r in results) == 100
     assert len(buffer.read_samples(0, 1000)) == 100
     buffer.close()
@@ -74,8 +85,10 @@ def test_a_full_write_queue_refuses_at_once(tmp_path):
     buffer.append_generation(generation("r1"))
     blocker = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    waiting = [threading.Thread(target=buffer.append_feedback, args=([thumb(f"e{i}", "r1")],))
-               for i in range(3)]
+    waiting = [
+        threading.Thread(target=buffer.append_feedback, args=([thumb(f"e{i}", "r1")],))
+        for i in range(3)
+    ]
     for t in waiting:
         t.start()
     time.sleep(0.5)  # one job is in the writer's hands, two wait in the queue

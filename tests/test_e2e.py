@@ -26,15 +26,25 @@ def build_client_stubs(out: Path) -> Path:
     proto_dir = ROOT / "proto" / "kaizen" / "v1"
     out.mkdir()
     well_known = importlib.resources.files("grpc_tools") / "_proto"
-    args = ["protoc", f"-I{proto_dir}", f"-I{well_known}", f"--python_out={out}",
-            f"--grpc_python_out={out}", *(p.name for p in sorted(proto_dir.glob("*.proto")))]
+    args = [
+        "protoc",
+        f"-I{proto_dir}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        *(p.name for p in sorted(proto_dir.glob("*.proto"))),
+    ]
     assert protoc.main(args) == 0
     return out
 
 
 def kaizen(*args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kaizen.cli", *args],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kaizen.cli", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> str:
@@ -51,28 +61,63 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> 
 
 def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp_path):
     port, metrics_port, learner_port = free_port(), free_port(), free_port()
-    common = ["--model", str(tiny_model), "--buffer", f"sqlite:///{tmp_path}/buffer.db",
-              "--registry", str(tmp_path / "registry")]
+    common = [
+        "--model",
+        str(tiny_model),
+        "--buffer",
+        f"sqlite:///{tmp_path}/buffer.db",
+        "--registry",
+        str(tmp_path / "registry"),
+    ]
     serve_log, learn_log = tmp_path / "serve.log", tmp_path / "learn.log"
-    server = kaizen("serve", *common, "--port", str(port), "--metrics-port", str(metrics_port),
-                    "--poll-registry-s", "0.1", log=serve_log)
-    learner = kaizen("learn", *common, "--publish-every", "4", "--batch-size", "4",
-                     "--batch-wait-s", "0.5", "--poll-s", "0.1",
-                     "--metrics-port", str(learner_port), log=learn_log)
+    server = kaizen(
+        "serve",
+        *common,
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--poll-registry-s",
+        "0.1",
+        log=serve_log,
+    )
+    learner = kaizen(
+        "learn",
+        *common,
+        "--publish-every",
+        "4",
+        "--batch-size",
+        "4",
+        "--batch-wait-s",
+        "0.5",
+        "--poll-s",
+        "0.1",
+        "--metrics-port",
+        str(learner_port),
+        log=learn_log,
+    )
     try:
         wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 90, server, serve_log)
         stubs = build_client_stubs(tmp_path / "client_stubs")
         client = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "independent_client.py"), str(stubs),
-             f"127.0.0.1:{port}", "120"],
-            capture_output=True, text=True, timeout=180, cwd=tmp_path,
+            [
+                sys.executable,
+                str(ROOT / "tests" / "independent_client.py"),
+                str(stubs),
+                f"127.0.0.1:{port}",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=tmp_path,
         )
         assert client.returncode == 0, client.stderr
         seen = json.loads(client.stdout)
-        assert seen["before"][0] == "v0"                # an answer from the base model
-        assert all(a == 1 for a in seen["acks"])        # every feedback event accepted
+        assert seen["before"][0] == "v0"  # an answer from the base model
+        assert all(a == 1 for a in seen["acks"])  # every feedback event accepted
         assert seen["versions"][-1] != "v0", (serve_log.read_text(), learn_log.read_text())
-        assert seen["after"] == seen["versions"][-1]    # a later answer carries the new version
+        assert seen["after"] == seen["versions"][-1]  # a later answer carries the new version
         assert (tmp_path / "registry" / "v000001" / "manifest.json").is_file()
         served = wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 10, server, serve_log)
         assert 'kaizen_weight_swaps_total{result="ok"}' in served

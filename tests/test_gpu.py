@@ -34,9 +34,15 @@ def test_server_generates_on_cuda(serve_config):
 
 
 def test_learner_steps_on_cuda(tiny_model, tmp_path):
-    config = LearnerConfig(model=tiny_model, buffer=f"sqlite:///{tmp_path}/b.db",
-                           registry=tmp_path / "registry", batch_size=2, metrics_port=-1,
-                           device="cuda", lr=1e-2)
+    config = LearnerConfig(
+        model=tiny_model,
+        buffer=f"sqlite:///{tmp_path}/b.db",
+        registry=tmp_path / "registry",
+        batch_size=2,
+        metrics_port=-1,
+        device="cuda",
+        lr=1e-2,
+    )
     learner = Learner(config)
     assert learner.device.type == "cuda"
     g = make_generation(learner.tokenizer, "r1", "Paris.")

@@ -67,18 +67,33 @@ def make_generation(tokenizer, response_id: str, answer: str) -> Generation:
     messages = [{"role": "user", "content": "Say something."}]
     response = tokenizer.encode(answer, add_special_tokens=False) + [2]
     return Generation(
-        response_id=response_id, user_id="u", request_id="", model_version="v0",
-        messages=messages, prompt_tokens=chat_prompt_ids(tokenizer, messages),
-        response_tokens=response, behaviour_logprobs=[-1.0] * len(response), text=answer,
-        finish_reason="stop", sampling=Sampling(temperature=1.0, seed=1), created_at=time.time(),
+        response_id=response_id,
+        user_id="u",
+        request_id="",
+        model_version="v0",
+        messages=messages,
+        prompt_tokens=chat_prompt_ids(tokenizer, messages),
+        response_tokens=response,
+        behaviour_logprobs=[-1.0] * len(response),
+        text=answer,
+        finish_reason="stop",
+        sampling=Sampling(temperature=1.0, seed=1),
+        created_at=time.time(),
     )
 
 
 @pytest.fixture
 def learner_config(tiny_model, tmp_path):
     return LearnerConfig(
-        model=tiny_model, buffer=f"sqlite:///{tmp_path}/buffer.db", registry=tmp_path / "registry",
-        publish_every=2, batch_size=2, lr=1e-2, metrics_port=-1, batch_wait_s=0.0, poll_s=0.05,
+        model=tiny_model,
+        buffer=f"sqlite:///{tmp_path}/buffer.db",
+        registry=tmp_path / "registry",
+        publish_every=2,
+        batch_size=2,
+        lr=1e-2,
+        metrics_port=-1,
+        batch_wait_s=0.0,
+        poll_s=0.05,
     )
 
 
@@ -86,7 +101,7 @@ def seq_logprob(learner: Learner, generation: Generation) -> float:
     ids = torch.tensor([generation.prompt_tokens + generation.response_tokens])
     with torch.no_grad():
         logp = response_logprobs(learner.model(input_ids=ids).logits, ids)
-    return float(logp[0, len(generation.prompt_tokens):].sum())
+    return float(logp[0, len(generation.prompt_tokens) :].sum())
 
 
 @pytest.mark.parametrize("up", [True, False])
@@ -110,7 +125,7 @@ def test_a_nonfinite_loss_drops_the_step_and_leaves_the_weights(learner_config):
     learner.buffer.append_generation(g)
     learner.buffer.append_feedback([Feedback("e1", "r1", "u", FeedbackKind.THUMB, 1)])
     learner.fill()
-    (sample, _), = learner.pending
+    ((sample, _),) = learner.pending
     weights = [p.detach().clone() for p in learner.params]
     result = learner.step([(sample, float("nan"))])
     assert not result.ok and result.reason == "nonfinite_loss"
@@ -120,8 +135,9 @@ def test_a_nonfinite_loss_drops_the_step_and_leaves_the_weights(learner_config):
 def add_thumbs(buffer: SQLiteBuffer, tokenizer, start: int, count: int) -> None:
     for i in range(start, start + count):
         buffer.append_generation(make_generation(tokenizer, f"r{i}", f"Answer number {i}."))
-        buffer.append_feedback([Feedback(f"e{i}", f"r{i}", "u", FeedbackKind.THUMB,
-                                         1 if i % 2 else -1)])
+        buffer.append_feedback(
+            [Feedback(f"e{i}", f"r{i}", "u", FeedbackKind.THUMB, 1 if i % 2 else -1)]
+        )
 
 
 def test_a_restarted_learner_neither_repeats_nor_skips(learner_config):

@@ -65,8 +65,10 @@ def test_unset_sampling_takes_the_server_defaults(stubs):
         (ask(max_new_tokens=65), "sampling.max_new_tokens"),  # cap is 64 in serve_config
         (ask(temperature=3.0), "sampling.temperature"),
         (ask(content="word " * 3000), "messages"),  # longer than the tiny model's 2048 context
-        (chat_pb2.GenerateRequest(messages=[chat_pb2.Message(role="robot", content="x")]),
-         "messages[0].role"),
+        (
+            chat_pb2.GenerateRequest(messages=[chat_pb2.Message(role="robot", content="x")]),
+            "messages[0].role",
+        ),
     ],
 )
 def test_bad_generate_requests_are_invalid_argument_naming_the_field(stubs, request_, field):
@@ -84,7 +86,9 @@ def test_context_limit_message_names_the_limit(stubs):
 
 def thumb(event_id: str, response_id: str, up: bool = True) -> feedback_pb2.Feedback:
     return feedback_pb2.Feedback(
-        event_id=event_id, response_id=response_id, user_id="u1",
+        event_id=event_id,
+        response_id=response_id,
+        user_id="u1",
         thumb=feedback_pb2.THUMB_UP if up else feedback_pb2.THUMB_DOWN,
     )
 
@@ -114,16 +118,21 @@ def test_reused_event_id_with_another_payload_is_already_exists(stubs):
 @pytest.mark.parametrize(
     "make, field",
     [
-        (lambda rid: feedback_pb2.Feedback(event_id="x", response_id="r-nope", rating=4),
-         "response_id"),
+        (
+            lambda rid: feedback_pb2.Feedback(event_id="x", response_id="r-nope", rating=4),
+            "response_id",
+        ),
         (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid, rating=6), "rating"),
         (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid, rating=0), "rating"),
         (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid), "signal"),
         (lambda rid: feedback_pb2.Feedback(event_id="", response_id=rid, rating=3), "event_id"),
-        (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid,
-                                           thumb=feedback_pb2.THUMB_UNSPECIFIED), "thumb"),
-        (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid, comment="  "),
-         "comment"),
+        (
+            lambda rid: feedback_pb2.Feedback(
+                event_id="x", response_id=rid, thumb=feedback_pb2.THUMB_UNSPECIFIED
+            ),
+            "thumb",
+        ),
+        (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid, comment="  "), "comment"),
     ],
 )
 def test_bad_feedback_is_invalid_argument_naming_the_field(stubs, make, field):
@@ -147,22 +156,32 @@ def test_stream_feedback_counts_and_is_all_or_nothing(server, stubs):
     ack = stubs.feedback.StreamFeedback(iter(events))
     assert (ack.accepted, ack.duplicates) == (4, 1)
     with pytest.raises(grpc.RpcError) as err:  # one bad event: none of this stream is stored
-        stubs.feedback.StreamFeedback(iter([
-            feedback_pb2.Feedback(event_id="e", response_id=rid, copy={}),
-            feedback_pb2.Feedback(event_id="f", response_id="r-unknown", click={}),
-        ]))
+        stubs.feedback.StreamFeedback(
+            iter(
+                [
+                    feedback_pb2.Feedback(event_id="e", response_id=rid, copy={}),
+                    feedback_pb2.Feedback(event_id="f", response_id="r-unknown", click={}),
+                ]
+            )
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    kinds = [(s.feedback.event_id, str(s.feedback.kind)) for s in buffer_of(server).read_samples(0, 10)]
+    kinds = [
+        (s.feedback.event_id, str(s.feedback.kind)) for s in buffer_of(server).read_samples(0, 10)
+    ]
     assert kinds == [("a", "thumb"), ("b", "rating"), ("c", "dwell"), ("d", "correction")]
 
 
 def test_stream_feedback_error_names_the_event(stubs):
     reply = stubs.chat.Generate(ask())
     with pytest.raises(grpc.RpcError) as err:
-        stubs.feedback.StreamFeedback(iter([
-            thumb("a", reply.response_id),
-            feedback_pb2.Feedback(event_id="b", response_id=reply.response_id, rating=9),
-        ]))
+        stubs.feedback.StreamFeedback(
+            iter(
+                [
+                    thumb("a", reply.response_id),
+                    feedback_pb2.Feedback(event_id="b", response_id=reply.response_id, rating=9),
+                ]
+            )
+        )
     assert err.value.details().startswith("feedback[1].rating:")
 
 
@@ -175,18 +194,29 @@ def test_model_info_health_and_reflection(server, channel, stubs):
         status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answer = next(reflection.ServerReflectionInfo(iter([
-        reflection_pb2.ServerReflectionRequest(list_services="")])))
+    answer = next(
+        reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+    )
     names = {s.name for s in answer.list_services_response.service}
-    assert {"kaizen.v1.ChatService", "kaizen.v1.FeedbackService",
-            "kaizen.v1.ModelService", "grpc.health.v1.Health"} <= names
+    assert {
+        "kaizen.v1.ChatService",
+        "kaizen.v1.FeedbackService",
+        "kaizen.v1.ModelService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 def test_metrics_endpoint_serves_prometheus_text(server, stubs):
     stubs.chat.Generate(ask())
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    for name in ("kaizen_requests_total", "kaizen_generated_tokens_total",
-                 "kaizen_serving_version", "kaizen_request_duration_seconds_bucket"):
+    for name in (
+        "kaizen_requests_total",
+        "kaizen_generated_tokens_total",
+        "kaizen_serving_version",
+        "kaizen_request_duration_seconds_bucket",
+    ):
         assert name in body
 
 
@@ -200,8 +230,10 @@ def test_a_full_queue_is_resource_exhausted_at_once(serve_config):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = chat_pb2_grpc.ChatServiceStub(ch)
-            calls = [stub.Generate.future(ask(max_new_tokens=64, temperature=1.0, seed=i + 1))
-                     for i in range(16)]
+            calls = [
+                stub.Generate.future(ask(max_new_tokens=64, temperature=1.0, seed=i + 1))
+                for i in range(16)
+            ]
             codes, details = [], []
             for call in calls:
                 try:

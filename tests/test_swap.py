@@ -49,8 +49,9 @@ def test_new_versions_are_served_and_no_answer_mixes_versions(server, stubs, reg
     published = [BASE_VERSION]
 
     def one(i: int):
-        return stubs.chat.Generate(ask(f"question {i}", max_new_tokens=24, temperature=1.0,
-                                       seed=i + 1))
+        return stubs.chat.Generate(
+            ask(f"question {i}", max_new_tokens=24, temperature=1.0, seed=i + 1)
+        )
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(12)]
@@ -73,11 +74,14 @@ def test_new_versions_are_served_and_no_answer_mixes_versions(server, stubs, reg
     for reply in [*replies, later]:
         generation = server.buffer.generation(reply.response_id)
         expected = teacher_forced_logprobs(models[reply.model_version], generation)
-        assert generation.behaviour_logprobs == pytest.approx(expected, abs=2e-3), reply.model_version
+        assert generation.behaviour_logprobs == pytest.approx(expected, abs=2e-3), (
+            reply.model_version
+        )
     # ...and the check can tell versions apart: the base model disagrees with v2's answer.
     generation = server.buffer.generation(later.response_id)
     assert teacher_forced_logprobs(models[BASE_VERSION], generation) != pytest.approx(
-        generation.behaviour_logprobs, abs=2e-3)
+        generation.behaviour_logprobs, abs=2e-3
+    )
 
 
 def test_a_corrupt_version_is_never_served(server, stubs, registry, tiny_model):
@@ -87,9 +91,11 @@ def test_a_corrupt_version_is_never_served(server, stubs, registry, tiny_model):
     # A version whose adapter bytes do not match its manifest (a torn copy, a bad disk).
     with registry.publish("kaizen-tiny-random") as staging:
         (staging / "adapter_model.safetensors").write_bytes(
-            (registry.path(good) / "adapter_model.safetensors").read_bytes())
+            (registry.path(good) / "adapter_model.safetensors").read_bytes()
+        )
         (staging / "adapter_config.json").write_bytes(
-            (registry.path(good) / "adapter_config.json").read_bytes())
+            (registry.path(good) / "adapter_config.json").read_bytes()
+        )
     bad = registry.latest()
     blob = registry.path(bad) / "adapter_model.safetensors"
     blob.chmod(0o644)
@@ -97,7 +103,9 @@ def test_a_corrupt_version_is_never_served(server, stubs, registry, tiny_model):
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
     deadline = time.monotonic() + 10
-    while (REGISTRY.get_sample_value("kaizen_weight_swaps_total", {"result": "corrupt"}) or 0.0) == before:
+    while (
+        REGISTRY.get_sample_value("kaizen_weight_swaps_total", {"result": "corrupt"}) or 0.0
+    ) == before:
         assert time.monotonic() < deadline, "the corrupt version was never examined"
         time.sleep(0.05)
     assert stubs.chat.Generate(ask()).model_version == good
