@@ -24,3 +24,6 @@ LOSS = Gauge("kaizen_learner_loss", "Loss of the last step")
 CURSOR = Gauge("kaizen_learner_cursor", "Position of the last feedback event consumed")
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")
 VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN published or resumed")
+
+for _result in ("ok", "nonfinite_loss", "nonfinite_grad"):  # so a first failure is a change
+    STEPS.labels(_result)

@@ -35,3 +35,6 @@ BATCH_SIZE = Histogram(
     "kaizen_batch_size", "Requests per decoded batch", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 QUEUE_DEPTH = Gauge("kaizen_queue_depth", "Requests waiting for a batch")
+
+for _result in ("ok", "corrupt", "incompatible", "failed"):  # so a first failure is a change
+    SWAPS.labels(_result)

@@ -12,29 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from kaizen import protogen
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_client_stubs(out: Path) -> Path:
-    """What a third party does: protoc on the .proto files, nothing else from this repo."""
-    import importlib.resources
-
-    from grpc_tools import protoc
-
-    proto_dir = ROOT / "proto" / "kaizen" / "v1"
+    """What a third party does: protoc on the .proto files alone, flat, no kaizen package."""
     out.mkdir()
-    well_known = importlib.resources.files("grpc_tools") / "_proto"
-    args = [
-        "protoc",
-        f"-I{proto_dir}",
-        f"-I{well_known}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        *(p.name for p in sorted(proto_dir.glob("*.proto"))),
-    ]
-    assert protoc.main(args) == 0
+    protogen.generate(out, proto_dir=ROOT / "proto" / "kaizen" / "v1")
+    assert not (out / "kaizen").exists()
     return out
 
 
