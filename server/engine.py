@@ -69,6 +69,15 @@ class Adapter:
     published_at: float
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the decode loop serves now; replaced whole, so readers never see half a swap."""
+
+    version: str
+    adapter: Adapter | None  # None for v0, the base model
+    since: float  # unix seconds
+
+
 def resolve_seed(sampling: Sampling) -> Sampling:
     if sampling.seed:
         return sampling
@@ -119,9 +128,7 @@ class Engine:
         self.pad_id = pad_id
         self.device = device
         self.max_batch = max_batch
-        self.version = BASE_VERSION
-        self.serving_since = time.time()
-        self.adapter: Adapter | None = None
+        self.serving = Serving(BASE_VERSION, None, time.time())
         self.swaps = 0
         self.failed: dict[str, str] = {}  # version -> why installing it failed
         self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
@@ -228,8 +235,7 @@ class Engine:
         log.info(
             "now serving %s (was %s; swap took %.1f ms)", adapter.version, self.version, pause * 1e3
         )
-        self.version, self.adapter = adapter.version, adapter
-        self.serving_since = time.time()
+        self.serving = Serving(adapter.version, adapter, time.time())  # one atomic store
         self.swaps += 1
 
     def _install(self, adapter: Adapter) -> None:
@@ -260,6 +266,10 @@ class Engine:
         old = self.version
         if old != BASE_VERSION and old in self.peft.peft_config:
             self.peft.delete_adapter(old)
+
+    @property
+    def version(self) -> str:
+        return self.serving.version
 
     @property
     def model(self):

@@ -15,7 +15,6 @@ from kaizen.buffer import ReplayBuffer
 from kaizen.errors import InvalidArgument, Unavailable
 from kaizen.events import Generation
 from kaizen.modeling import chat_prompt_ids
-from kaizen.registry import BASE_VERSION
 from kaizen.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -211,15 +210,13 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
 
     def GetModelInfo(self, request, context):
         engine = self.engine
-        adapter = engine.adapter
+        now = engine.serving
         serving = model_pb2.ServedVersion(
-            version=engine.version,
-            state="serving",
-            serving_since=_timestamp(engine.serving_since),
+            version=now.version, state="serving", serving_since=_timestamp(now.since)
         )
-        if adapter is not None and engine.version != BASE_VERSION:
-            serving.published_at.CopyFrom(_timestamp(adapter.published_at))
-            serving.sha256 = adapter.manifest_sha256
+        if now.adapter is not None:
+            serving.published_at.CopyFrom(_timestamp(now.adapter.published_at))
+            serving.sha256 = now.adapter.manifest_sha256
         return model_pb2.ModelInfo(
             base_model=self.base_model,
             base_model_path=self.base_model_path,
