@@ -81,7 +81,7 @@ def test_concurrent_writers_all_land_once(tmp_path):
 
 
 def test_a_full_write_queue_refuses_at_once(tmp_path):
-    buffer = SQLiteBuffer(tmp_path / "b.db", max_pending=2, timeout_s=30)
+    buffer = SQLiteBuffer(tmp_path / "b.db", max_pending=2, max_batch=1, timeout_s=30)
     buffer.append_generation(generation("r1"))
     blocker = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -91,7 +91,7 @@ def test_a_full_write_queue_refuses_at_once(tmp_path):
     ]
     for t in waiting:
         t.start()
-    time.sleep(0.5)  # one job is in the writer's hands, two wait in the queue
+    time.sleep(1.0)  # one job is in the writer's hands (max_batch=1), two wait in the queue
     with pytest.raises(ResourceExhausted, match="pending"):
         buffer.append_feedback([thumb("e-late", "r1")])
     blocker.execute("ROLLBACK")
