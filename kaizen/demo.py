@@ -49,7 +49,8 @@ LIKED_MAX_WORDS = 25
 DATA = Path("kaizen-data/demo")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -125,7 +126,7 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
         raise FileNotFoundError(f"--model: {model} is not prepared; run `kaizen model prepare`")
     shutil.rmtree(DATA, ignore_errors=True)
     DATA.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     common = [
         "--model",
         str(model),
@@ -136,7 +137,7 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
     ]
     print(f"kaizen demo: data in {DATA}/, logs in {DATA}/serve.log and {DATA}/learn.log")
     server = _start(
-        ["serve", *common, "--port", str(port), "--metrics-port", str(_free_port())],
+        ["serve", *common, "--port", str(port), "--metrics-port", str(free_port())],
         DATA / "serve.log",
     )
     learner = _start(

@@ -107,10 +107,14 @@ class Learner:
         self.read_cursor = self.progress.cursor  # how far read; ≥ cursor while a batch fills
         self.pending: list[tuple[Sample, float]] = []
         self.first_pending_at = 0.0
-        self.since_publish = 0
         metrics.CURSOR.set(self.progress.cursor)
         metrics.BASELINE.set(self.progress.baseline)
         metrics.VERSION.set(version_number(self.version))
+
+    @property
+    def since_publish(self) -> int:
+        """Rewarded samples trained on since the last publish."""
+        return len(self.progress.window_rewards)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -206,7 +210,6 @@ class Learner:
         self.progress.cursor = self.read_cursor
         self.progress.samples += len(batch)
         self.progress.window_rewards.extend(r for _, r in batch)
-        self.since_publish += len(batch)
         metrics.CURSOR.set(self.progress.cursor)
         return result
 
@@ -237,7 +240,6 @@ class Learner:
             )
         self.version = self.registry.latest()
         self.progress.window_rewards = []
-        self.since_publish = 0
         metrics.PUBLISHED.inc()
         metrics.VERSION.set(version_number(self.version))
         log.info(

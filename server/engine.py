@@ -52,7 +52,6 @@ class Request:
     sampling: Sampling  # seed already resolved (never 0)
     events: queue.Queue = field(default_factory=queue.Queue)  # Token* then Finished | Failed
     cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         self.cancelled.set()

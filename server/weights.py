@@ -51,7 +51,6 @@ class RegistryWatcher:
         self._thread = threading.Thread(target=self._run, name="kaizen-registry", daemon=True)
 
     def start(self) -> None:
-        self.check()
         self._thread.start()
 
     def stop(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import grpc
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from kaizen import modeling
+from kaizen.demo import free_port  # noqa: F401 - shared with the tests
 from kaizen.registry import Registry
 from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2_grpc, model_pb2_grpc
 
@@ -98,12 +98,6 @@ def ask(
         ),
         user_id=user_id,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def publish_random_adapter(registry: Registry, model_dir: Path, seed: int) -> str:
