@@ -31,6 +31,12 @@ class ResourceExhausted(KaizenError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(KaizenError):
+    """A request waited in the queue longer than the server allows."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
 class Unavailable(KaizenError):
     """The component is shutting down or not ready."""
 

@@ -27,6 +27,7 @@ class Sampling:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 1.0  # nucleus mass kept; 1 = no truncation
     seed: int = 0  # 0 = drawn at random; the drawn seed is logged instead
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
 
 @dataclass(frozen=True)

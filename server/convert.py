@@ -59,6 +59,7 @@ def sampling_from_pb(request: chat_pb2.GenerateRequest, limits: Limits) -> Sampl
         temperature=float(s.temperature),
         top_p=float(s.top_p) if s.top_p > 0 else 1.0,
         seed=int(s.seed),
+        ignore_eos=bool(s.ignore_eos),
     )
 
 

@@ -14,18 +14,20 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServedVersion(_message.Message):
-    __slots__ = ("version", "state", "serving_since", "published_at", "sha256")
+    __slots__ = ("version", "state", "serving_since", "published_at", "sha256", "install_ms")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SERVING_SINCE_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    INSTALL_MS_FIELD_NUMBER: _ClassVar[int]
     version: str
     state: str
     serving_since: _timestamp_pb2.Timestamp
     published_at: _timestamp_pb2.Timestamp
     sha256: str
-    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., serving_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
+    install_ms: float
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., serving_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sha256: _Optional[str] = ..., install_ms: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("base_model", "base_model_path", "versions", "started_at", "swaps")
