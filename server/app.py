@@ -82,6 +82,7 @@ def start(config: ServeConfig) -> RunningServer:
         device,
         max_batch=config.max_batch,
         max_queue=config.max_queue,
+        max_queue_wait_s=config.max_queue_wait_s,
     )
     watcher = RegistryWatcher(registry, engine, info.name, config.poll_registry_s)
     watcher.check()  # serve the newest version from the first request on

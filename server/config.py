@@ -25,6 +25,9 @@ class ServeConfig:
     )
     max_batch: int = option(16, "requests decoded together in one batch at most")
     max_queue: int = option(256, "requests waiting for a batch at most; beyond, RESOURCE_EXHAUSTED")
+    max_queue_wait_s: float = option(
+        30.0, "longest a request may wait for a batch slot; beyond, DEADLINE_EXCEEDED"
+    )
     max_new_tokens_cap: int = option(512, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = option(128, "max_new_tokens when a request sets no sampling")
     default_temperature: float = option(0.7, "temperature when a request sets no sampling")

@@ -1,14 +1,20 @@
-"""The decode loop: batches concurrent requests and installs new weights between batches.
+"""The decode loop: iteration-level (continuous) batching over LoRA versions of one base.
 
-One thread owns the model. It takes every request waiting (up to `max_batch`), decodes
-them together — left-padded prefill, then one token per row per step with a shared KV
-cache — and streams each row's tokens to its caller. Each row has its own sampling
-parameters and random generator. New weights are installed only between two batches,
-so every answer comes from exactly one version, which tags it.
+One thread owns the model. Each iteration it admits waiting requests into the running
+batch (prefilled together, their KV cache merged into the batch's), decodes one token for
+every row, streams each row's token to its caller, and evicts rows that finished or were
+cancelled — so a freed slot is refilled at the next step, not when the whole batch ends.
+
+Every row is pinned at admission to one version (the serving one, or another version the
+request names, such as a canary) and decoded with that version's adapter for its whole
+life: peft's mixed-batch LoRA forward gives each row its own adapter inside one batch. A
+new version is copied into a free adapter slot between two steps; rows already running
+finish on the version they started with, so no answer mixes versions.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import secrets
@@ -19,12 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kaizen.errors import ResourceExhausted, Unavailable
+from kaizen.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from kaizen.events import Sampling
 from kaizen.registry import BASE_VERSION, version_number
 from server import metrics
 
 log = logging.getLogger(__name__)
+
+BASE_SLOT = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 @dataclass(frozen=True)
@@ -46,15 +54,43 @@ class Failed:
 
 @dataclass
 class Request:
-    """A prompt waiting for, or being decoded in, a batch. Events arrive on `events`."""
+    """A prompt waiting for, or being decoded in, the batch. Events arrive on `events`."""
 
     prompt_ids: list[int]
     sampling: Sampling  # seed already resolved (never 0)
+    version: str | None = None  # pin to this loaded version; None = the serving one
     events: queue.Queue = field(default_factory=queue.Queue)  # Token* then Finished | Failed
     cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    _state: str = "waiting"  # -> "running" (admitted) | "expired" (waited too long)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def admit(self) -> bool:
+        """Called by the decode loop; False if the caller already gave up waiting."""
+        with self._lock:
+            if self._state != "waiting":
+                return False
+            self._state = "running"
+            return True
+
+    def expire(self) -> bool:
+        """Called by the caller; False if the decode loop already admitted the request."""
+        with self._lock:
+            if self._state != "waiting":
+                return False
+            self._state = "expired"
+            return True
+
+    @property
+    def waiting(self) -> bool:
+        return self._state == "waiting"
+
+    @property
+    def dead(self) -> bool:
+        return self.cancelled.is_set() or self._state == "expired"
 
 
 @dataclass(frozen=True)
@@ -70,18 +106,23 @@ class Adapter:
 
 @dataclass(frozen=True)
 class Serving:
-    """What the decode loop serves now; replaced whole, so readers never see half a swap."""
+    """A version the decode loop serves; replaced whole, so readers never see half a swap."""
 
     version: str
     adapter: Adapter | None  # None for v0, the base model
     since: float  # unix seconds
+    install_ms: float = 0.0  # how long the decode loop paused to install it
 
 
 def resolve_seed(sampling: Sampling) -> Sampling:
     if sampling.seed:
         return sampling
     return Sampling(
-        sampling.max_new_tokens, sampling.temperature, sampling.top_p, secrets.randbits(63) or 1
+        sampling.max_new_tokens,
+        sampling.temperature,
+        sampling.top_p,
+        secrets.randbits(63) or 1,
+        sampling.ignore_eos,
     )
 
 
@@ -89,26 +130,151 @@ def sample_rows(
     logits: torch.Tensor, rows: list[Sampling], generators: list[torch.Generator]
 ) -> tuple[list[int], list[float]]:
     """Draw one token per row; return the tokens and their log-probabilities under the
-    distribution each row actually sampled from (temperature, then nucleus)."""
+    distribution each row actually sampled from (temperature, then nucleus).
+
+    The softmax and the nucleus sort run once for the whole batch; only the draw is per
+    row, with the row's own generator, so a seed reproduces its answer in any batch.
+    """
     logits = logits.float()  # (B, V)
+    temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in rows])
+    logp = torch.log_softmax(logits / temps.to(logits.device)[:, None], dim=-1)
+    nucleus = [i for i, s in enumerate(rows) if 0 < s.temperature and s.top_p < 1.0]
+    if nucleus:
+        top_p = torch.tensor([rows[i].top_p for i in nucleus], device=logits.device)[:, None]
+        sorted_logp, order = logp[nucleus].sort(dim=-1, descending=True)
+        probs = sorted_logp.exp()
+        # keep the smallest prefix whose mass reaches top_p (the first token always)
+        mass_before = probs.cumsum(-1) - probs
+        sorted_logp = sorted_logp.masked_fill(mass_before >= top_p, float("-inf"))
+        kept = torch.full_like(sorted_logp, float("-inf")).scatter(-1, order, sorted_logp)
+        logp[nucleus] = torch.log_softmax(kept, dim=-1)
+    probs = logp.exp()
     tokens, logprobs = [], []
     for i, s in enumerate(rows):
         if s.temperature <= 0:  # greedy: the chosen token had probability 1
             tokens.append(int(logits[i].argmax()))
             logprobs.append(0.0)
             continue
-        logp = torch.log_softmax(logits[i] / s.temperature, dim=-1)  # (V,)
-        if s.top_p < 1.0:
-            sorted_logp, order = logp.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always)
-            mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
-            sorted_logp = sorted_logp.masked_fill(mass_before >= s.top_p, float("-inf"))
-            logp = torch.full_like(logp, float("-inf")).scatter(0, order, sorted_logp)
-            logp = torch.log_softmax(logp, dim=-1)
-        token = int(torch.multinomial(logp.exp(), 1, generator=generators[i]))
+        token = int(torch.multinomial(probs[i], 1, generator=generators[i]))
         tokens.append(token)
-        logprobs.append(float(logp[token]))
+        logprobs.append(float(logp[i, token]))
     return tokens, logprobs
+
+
+class WaitQueue:
+    """Bounded FIFO of live requests; cancelled or expired ones do not take a place."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: collections.deque[Request] = collections.deque()
+        self._ready = threading.Condition()
+
+    def put(self, request: Request) -> None:
+        with self._ready:
+            if len(self._items) >= self.maxsize:
+                self._items = collections.deque(r for r in self._items if not r.dead)
+            if len(self._items) >= self.maxsize:
+                raise ResourceExhausted(
+                    f"server busy: {self.maxsize} requests already waiting (--max-queue)"
+                )
+            self._items.append(request)
+            self._ready.notify()
+
+    def take(self, n: int, wait_s: float) -> list[Request]:
+        """Up to `n` requests; waits up to `wait_s` for the first one."""
+        with self._ready:
+            if not self._items and wait_s > 0:
+                self._ready.wait(wait_s)
+            taken = []
+            while self._items and len(taken) < n:
+                taken.append(self._items.popleft())
+            return taken
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class _Row:
+    """A request being decoded (decode thread only)."""
+
+    request: Request
+    version: str
+    slot: str  # peft adapter name, or BASE_SLOT
+    generator: torch.Generator
+    produced: int = 0
+    last: int = 0  # the token sampled last, fed at the next step
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class _Batch:
+    """The running batch: rows, their shared KV cache, attention mask and positions.
+
+    Every row is left-padded: its real tokens are the rightmost `mask.sum()` columns.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, W) 1 = real token
+        self.positions: torch.Tensor | None = None  # (B, 1) position of the next token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def extend(self, rows: list[_Row], cache: DynamicCache, mask, positions) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)]
+            )
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)]
+            )
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.rows = self.rows + rows
+
+    def keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.mask = self.positions = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask[index]
+        start = int(mask.any(0).to(torch.int8).argmax())  # columns left of it are all padding
+        self.mask, self.positions = mask[:, start:], self.positions[index]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _config_key(config) -> tuple:
+    """What must match for an adapter's weights to be copied into another's slot."""
+    return (
+        config.r,
+        config.lora_alpha,
+        tuple(sorted(config.target_modules)),
+        config.use_rslora,
+        config.use_dora,
+        str(config.rank_pattern),
+        str(config.alpha_pattern),
+        config.bias,
+        tuple(config.modules_to_save or ()),
+    )
 
 
 class Engine:
@@ -120,6 +286,7 @@ class Engine:
         device: torch.device,
         max_batch: int = 16,
         max_queue: int = 256,
+        max_queue_wait_s: float = 30.0,
     ) -> None:
         self.base = model
         self.peft = None  # a PeftModel wrapping `base`, from the first installed adapter on
@@ -127,12 +294,18 @@ class Engine:
         self.pad_id = pad_id
         self.device = device
         self.max_batch = max_batch
+        self.max_queue_wait_s = max_queue_wait_s
         self.serving = Serving(BASE_VERSION, None, time.time())
+        self.canary: Serving | None = None
         self.swaps = 0
         self.failed: dict[str, str] = {}  # version -> why installing it failed
-        self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self._staged: Adapter | None = None
+        self._waiting = WaitQueue(max_queue)
+        self._staged: dict[str, Adapter] = {}  # role ("serving" | "canary") -> adapter
         self._staged_lock = threading.Lock()
+        self._slots: dict[str, str | None] = {}  # peft adapter name -> version it holds
+        self._slot_keys: dict[str, tuple] = {}
+        self._next_slot = 0
+        self._batch = _Batch()
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         metrics.SERVING_VERSION.set(0)
@@ -142,28 +315,31 @@ class Engine:
     def submit(self, request: Request) -> Request:
         if not self._running.is_set():
             raise Unavailable("the server is not serving (starting up or shutting down)")
-        try:
-            self._waiting.put_nowait(request)
-        except queue.Full:
-            raise ResourceExhausted(
-                f"server busy: {self._waiting.maxsize} requests already waiting (--max-queue)"
-            ) from None
-        metrics.QUEUE_DEPTH.set(self._waiting.qsize())
+        if request.version is not None and request.version not in self.loaded_versions():
+            raise InvalidArgument("version", f"{request.version} is not loaded on this server")
+        self._waiting.put(request)
+        metrics.QUEUE_DEPTH.set(len(self._waiting))
         return request
+
+    def loaded_versions(self) -> set[str]:
+        versions = {self.serving.version}
+        canary = self.canary
+        if canary is not None:
+            versions.add(canary.version)
+        return versions
 
     # -- called from the registry watcher ----------------------------------------------
 
-    def stage(self, adapter: Adapter) -> None:
-        """Install `adapter` at the next batch boundary (a newer staged one replaces it)."""
+    def stage(self, adapter: Adapter, role: str = "serving") -> None:
+        """Install `adapter` between two decode steps (a newer staged one replaces it)."""
         with self._staged_lock:
-            if self._staged is None or version_number(adapter.version) > version_number(
-                self._staged.version
-            ):
-                self._staged = adapter
+            staged = self._staged.get(role)
+            if staged is None or version_number(adapter.version) > version_number(staged.version):
+                self._staged[role] = adapter
 
     def newest_known(self) -> str:
         with self._staged_lock:
-            staged = self._staged
+            staged = self._staged.get("serving")
         return staged.version if staged is not None else self.version
 
     # -- the decode thread -------------------------------------------------------------
@@ -177,47 +353,163 @@ class Engine:
         self._running.clear()
         if self._thread is not None:
             self._thread.join()
-        while True:  # nobody will decode these any more: tell their callers
-            try:
-                self._waiting.get_nowait().events.put(Failed(Unavailable("server shut down")))
-            except queue.Empty:
-                break
+        gone = Failed(Unavailable("server shut down"))
+        for row in self._batch.rows:  # nobody will decode these any more: tell their callers
+            row.request.events.put(gone)
+        self._batch = _Batch()
+        while waiting := self._waiting.take(self.max_batch, 0):
+            for r in waiting:
+                r.events.put(gone)
 
     def _loop(self) -> None:
         while self._running.is_set():
             self.install_staged()
             try:
-                first = self._waiting.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._waiting.get_nowait())
-                except queue.Empty:
-                    break
-            metrics.QUEUE_DEPTH.set(self._waiting.qsize())
-            batch = [r for r in batch if not self._drop_if_cancelled(r)]
-            if not batch:
-                continue
-            metrics.BATCH_SIZE.observe(len(batch))
-            try:
-                self._decode(batch)
+                self._iterate()
             except Exception as exc:
-                log.exception("decoding a batch of %d failed", len(batch))
-                for r in batch:
-                    r.events.put(Failed(exc))
+                log.exception("a decode step over %d rows failed", len(self._batch))
+                for row in self._batch.rows:
+                    row.request.events.put(Failed(exc))
+                self._batch = _Batch()
 
-    def _drop_if_cancelled(self, r: Request) -> bool:
-        if r.cancelled.is_set():
-            r.events.put(Finished(self.version, "cancelled"))
-            return True
-        return False
+    def _iterate(self) -> None:
+        batch = self._batch
+        newcomers = self._admit(
+            self._waiting.take(self.max_batch - len(batch), wait_s=0 if len(batch) else 0.05)
+        )
+        metrics.QUEUE_DEPTH.set(len(self._waiting))
+        if not batch.rows and not newcomers:
+            self._retire_slots()
+            return
+        logits = []
+        if batch.rows:
+            logits.append(self._decode_step(batch))
+        if newcomers:
+            logits.append(self._prefill(newcomers, batch))
+        self._sample_and_emit(torch.cat(logits))
+
+    def _admit(self, requests: list[Request]) -> list[_Row]:
+        rows = []
+        now = time.monotonic()
+        for r in requests:
+            if r.cancelled.is_set():
+                continue  # the caller is gone; nobody reads its events
+            if now - r.enqueued_at > self.max_queue_wait_s:
+                if r.expire():
+                    r.events.put(Failed(self.queue_deadline_error()))
+                continue
+            if not r.admit():
+                continue  # expired while waiting: its caller already answered
+            version = r.version or self.serving.version
+            slot = self._slot_of(version)
+            if slot is None:  # a pinned version retired while the request waited
+                r.events.put(Failed(Unavailable(f"version {version} is no longer served")))
+                continue
+            generator = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
+            rows.append(_Row(r, version, slot, generator))
+        return rows
+
+    def queue_deadline_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"the request waited more than {self.max_queue_wait_s:g} s for a batch slot "
+            "(--max-queue-wait-s); the server is overloaded"
+        )
+
+    def _slot_of(self, version: str) -> str | None:
+        if version == BASE_VERSION:
+            return BASE_SLOT
+        for slot, held in self._slots.items():
+            if held == version:
+                return slot
+        return None
+
+    def _forward(self, rows: list[_Row], **inputs):
+        if self.peft is None:
+            return self.base(**inputs, use_cache=True)
+        return self.peft(**inputs, use_cache=True, adapter_names=[r.slot for r in rows])
+
+    @torch.inference_mode()
+    def _decode_step(self, batch: _Batch) -> torch.Tensor:
+        ones = torch.ones((len(batch), 1), dtype=batch.mask.dtype, device=self.device)
+        batch.mask = torch.cat([batch.mask, ones], dim=-1)
+        next_ids = torch.tensor([[row.last] for row in batch.rows], device=self.device)
+        out = self._forward(
+            batch.rows,
+            input_ids=next_ids,
+            attention_mask=batch.mask,
+            position_ids=batch.positions,
+            past_key_values=batch.cache,
+        )
+        batch.positions = batch.positions + 1
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def _prefill(self, rows: list[_Row], batch: _Batch) -> torch.Tensor:
+        width = max(len(row.request.prompt_ids) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's last prompt token aligns
+            n = len(row.request.prompt_ids)
+            ids[i, width - n :] = torch.tensor(row.request.prompt_ids)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(
+            rows,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
+        batch.extend(rows, cache, mask, positions[:, -1:] + 1)
+        return out.logits[:, -1, :]
+
+    def _sample_and_emit(self, logits: torch.Tensor) -> None:
+        batch = self._batch
+        rows = batch.rows
+        tokens, logprobs = sample_rows(
+            logits, [r.request.sampling for r in rows], [r.generator for r in rows]
+        )
+        metrics.BATCH_SIZE.observe(len(rows))
+        versions = collections.Counter(r.version for r in rows)
+        if len(versions) > 1:
+            metrics.MIXED_STEPS.inc()
+        for version, n in versions.items():
+            metrics.GENERATED_TOKENS.labels(version).inc(n)
+        keep = []
+        for i, row in enumerate(rows):
+            r = row.request
+            r.events.put(Token(tokens[i], logprobs[i]))
+            row.produced += 1
+            row.last = tokens[i]
+            reason = None
+            if tokens[i] in self.stop_ids and not r.sampling.ignore_eos:
+                reason = "stop"
+            elif row.produced >= r.sampling.max_new_tokens:
+                reason = "length"
+            elif r.cancelled.is_set():
+                reason = "cancelled"
+            if reason is None:
+                keep.append(i)
+            else:
+                r.events.put(Finished(row.version, reason))
+        batch.keep(keep)
+
+    # -- installing versions (decode thread, between two steps) -------------------------
 
     def install_staged(self) -> None:
         with self._staged_lock:
-            adapter, self._staged = self._staged, None
-        if adapter is None or version_number(adapter.version) <= version_number(self.version):
+            staged, self._staged = self._staged, {}
+        for role in ("serving", "canary"):
+            adapter = staged.get(role)
+            if adapter is not None:
+                self._install_role(adapter, role)
+
+    def _install_role(self, adapter: Adapter, role: str) -> None:
+        current = self.serving if role == "serving" else self.canary
+        if role == "serving" and version_number(adapter.version) <= version_number(current.version):
             return
         started = time.perf_counter()
         try:
@@ -230,41 +522,61 @@ class Engine:
         pause = time.perf_counter() - started
         metrics.SWAP_PAUSE_SECONDS.observe(pause)
         metrics.SWAPS.labels("ok").inc()
-        metrics.SERVING_VERSION.set(version_number(adapter.version))
-        log.info(
-            "now serving %s (was %s; swap took %.1f ms)", adapter.version, self.version, pause * 1e3
-        )
-        self.serving = Serving(adapter.version, adapter, time.time())  # one atomic store
-        self.swaps += 1
+        record = Serving(adapter.version, adapter, time.time(), pause * 1e3)
+        if role == "serving":
+            metrics.SERVING_VERSION.set(version_number(adapter.version))
+            log.info(
+                "now serving %s (was %s; install took %.1f ms)",
+                adapter.version,
+                self.version,
+                pause * 1e3,
+            )
+            self.serving = record  # one atomic store
+            self.swaps += 1
+        else:
+            log.info("canary %s installed (%.1f ms)", adapter.version, pause * 1e3)
+            self.canary = record
+
+    def set_canary(self, version: str | None) -> None:
+        """Stop routing to the canary (None); its slot is freed once its rows finish."""
+        if version is None:
+            self.canary = None
 
     def _install(self, adapter: Adapter) -> None:
+        """Copy the adapter's weights into a free slot (adding one if none fits)."""
         from peft import PeftModel, set_peft_model_state_dict
 
-        name = adapter.version
-        first = self.peft is None
-        if first:
-            self.peft = PeftModel(self.base, adapter.config, adapter_name=name)
-        else:
-            self.peft.add_adapter(name, adapter.config)
-        try:
-            result = set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=name)
-            missing = [k for k in result.missing_keys if name in k and "lora_" in k]
-            if result.unexpected_keys or missing:
-                raise ValueError(
-                    f"{name}: adapter does not fit the base model "
-                    f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})"
-                )
-        except Exception:
-            if first:  # take the LoRA layers out again: the base model serves as before
-                self.base, self.peft = self.peft.unload(), None
+        self._retire_slots()
+        key = _config_key(adapter.config)
+        free = [s for s, held in self._slots.items() if held is None]
+        slot = next((s for s in free if self._slot_keys[s] == key), None)
+        if slot is None:  # a new slot; free ones shaped for another config go away
+            slot = f"slot{self._next_slot}"
+            self._next_slot += 1
+            if self.peft is None:
+                self.peft = PeftModel(self.base, adapter.config, adapter_name=slot)
             else:
-                self.peft.delete_adapter(name)
-            raise
-        self.peft.set_adapter(name)
-        self.peft.eval()
-        old = self.version
-        if old != BASE_VERSION and old in self.peft.peft_config:
-            self.peft.delete_adapter(old)
+                self.peft.add_adapter(slot, adapter.config)
+            for old in free:
+                self.peft.delete_adapter(old)
+                del self._slots[old], self._slot_keys[old]
+            self.peft.eval()
+            self._slots[slot], self._slot_keys[slot] = None, key
+        result = set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=slot)
+        missing = [k for k in result.missing_keys if f".{slot}." in k and "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                f"{adapter.version}: adapter does not fit the base model "
+                f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})"
+            )
+        self._slots[slot] = adapter.version
+
+    def _retire_slots(self) -> None:
+        """Free the slots of versions neither routed to nor decoding any row."""
+        live = self.loaded_versions() | {row.version for row in self._batch.rows}
+        for slot, held in self._slots.items():
+            if held is not None and held not in live:
+                self._slots[slot] = None
 
     @property
     def version(self) -> str:
@@ -272,66 +584,4 @@ class Engine:
 
     @property
     def model(self):
-        return self.peft if self.peft is not None else self.base
-
-    @torch.inference_mode()
-    def _decode(self, batch: list[Request]) -> None:
-        version = self.version
-        B = len(batch)
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, width), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every row's last prompt token aligns
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, width)
-        cache = DynamicCache()
-        generators = [
-            torch.Generator(device=self.device).manual_seed(r.sampling.seed) for r in batch
-        ]
-        rows = [r.sampling for r in batch]
-        done = [False] * B
-        produced = [0] * B
-        steps = max(r.sampling.max_new_tokens for r in batch)
-        model = self.model
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        for step in range(steps):
-            tokens, logprobs = sample_rows(out.logits[:, -1, :], rows, generators)
-            metrics.GENERATED_TOKENS.labels(version).inc(done.count(False))
-            for i, r in enumerate(batch):
-                if done[i]:
-                    continue
-                r.events.put(Token(tokens[i], logprobs[i]))
-                produced[i] += 1
-                reason = None
-                if tokens[i] in self.stop_ids:
-                    reason = "stop"
-                elif produced[i] >= r.sampling.max_new_tokens:
-                    reason = "length"
-                elif r.cancelled.is_set():
-                    reason = "cancelled"
-                if reason is not None:
-                    done[i] = True
-                    r.events.put(Finished(version, reason))
-            if all(done) or step == steps - 1:
-                break
-            next_ids = torch.tensor(
-                [[self.pad_id if done[i] else tokens[i]] for i in range(B)], device=self.device
-            )
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], -1)
-            positions = positions[:, -1:] + 1
-            out = model(
-                input_ids=next_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
+        return self.base

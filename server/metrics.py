@@ -32,7 +32,11 @@ SWAP_PAUSE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
 )
 BATCH_SIZE = Histogram(
-    "kaizen_batch_size", "Requests per decoded batch", buckets=(1, 2, 4, 8, 16, 32, 64)
+    "kaizen_batch_size", "Rows decoded together, per decode step", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+MIXED_STEPS = Counter(
+    "kaizen_mixed_version_steps_total",
+    "Decode steps whose batch held rows of more than one version (serving and canary)",
 )
 QUEUE_DEPTH = Gauge("kaizen_queue_depth", "Requests waiting for a batch")
 

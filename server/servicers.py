@@ -32,7 +32,7 @@ from server.convert import (
     messages_from_pb,
     sampling_from_pb,
 )
-from server.engine import Engine, Failed, Finished, Request, Token, resolve_seed
+from server.engine import Engine, Failed, Finished, Request, Serving, Token, resolve_seed
 
 MAX_STREAM_EVENTS = 10_000
 
@@ -93,14 +93,28 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         return messages, job
 
+    def _next_event(self, job: Request):
+        while True:
+            waiting = job.waiting
+            timeout = self.request_timeout_s
+            if waiting:  # not admitted yet: give up at the queue deadline
+                timeout = job.enqueued_at + self.engine.max_queue_wait_s - time.monotonic()
+            try:
+                return job.events.get(timeout=max(timeout, 0.0))
+            except queue.Empty:
+                if not waiting:
+                    job.cancel()
+                    raise Unavailable(
+                        "generation stalled; the decode loop did not answer"
+                    ) from None
+                if job.expire():
+                    raise self.engine.queue_deadline_error() from None
+                # admitted at that very moment: wait for its tokens
+
     def _events(self, job: Request, answer: _Answer) -> Iterator[int]:
         """Yield token ids as they come; fill `answer` with the version and finish reason."""
         while True:
-            try:
-                event = job.events.get(timeout=self.request_timeout_s)
-            except queue.Empty:
-                job.cancel()
-                raise Unavailable("generation stalled; the decode loop did not answer") from None
+            event = self._next_event(job)
             if isinstance(event, Token):
                 answer.tokens.append(event.token_id)
                 answer.logprobs.append(event.logprob)
@@ -133,10 +147,12 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     def Generate(self, request, context):
         messages, job = self._start(request, context)
         answer = _Answer([], [])
-        stream = TextStream(self.tokenizer, self.stop_ids)
-        for token_id in self._events(job, answer):
-            stream.push(token_id)
-        g = self._record(request, messages, job, answer, stream.text)
+        for _ in self._events(job, answer):
+            pass
+        text = self.tokenizer.decode(
+            [t for t in answer.tokens if t not in self.stop_ids], skip_special_tokens=True
+        )
+        g = self._record(request, messages, job, answer, text)
         return chat_pb2.GenerateResponse(
             response_id=g.response_id,
             text=g.text,
@@ -199,6 +215,19 @@ def _timestamp(unix_s: float) -> Timestamp:
     return ts
 
 
+def _served(record: Serving, state: str) -> model_pb2.ServedVersion:
+    served = model_pb2.ServedVersion(
+        version=record.version,
+        state=state,
+        serving_since=_timestamp(record.since),
+        install_ms=record.install_ms,
+    )
+    if record.adapter is not None:
+        served.published_at.CopyFrom(_timestamp(record.adapter.published_at))
+        served.sha256 = record.adapter.manifest_sha256
+    return served
+
+
 class ModelService(model_pb2_grpc.ModelServiceServicer):
     def __init__(
         self, engine: Engine, base_model: str, base_model_path: str, started_at: float
@@ -210,17 +239,14 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
 
     def GetModelInfo(self, request, context):
         engine = self.engine
-        now = engine.serving
-        serving = model_pb2.ServedVersion(
-            version=now.version, state="serving", serving_since=_timestamp(now.since)
-        )
-        if now.adapter is not None:
-            serving.published_at.CopyFrom(_timestamp(now.adapter.published_at))
-            serving.sha256 = now.adapter.manifest_sha256
+        versions = [_served(engine.serving, "serving")]
+        canary = engine.canary
+        if canary is not None:
+            versions.append(_served(canary, "canary"))
         return model_pb2.ModelInfo(
             base_model=self.base_model,
             base_model_path=self.base_model_path,
-            versions=[serving],
+            versions=versions,
             started_at=_timestamp(self.started_at),
             swaps=engine.swaps,
         )
