@@ -3,8 +3,70 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+
+from kaizen.config import add_options, from_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    from bench.config import ServeBench, SwapBench
+
     parser = commands.add_parser("bench", help="measure serving and learning on this machine")
-    parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    benchmarks = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    _add(
+        benchmarks.add_parser(
+            "serve",
+            help="tokens/s and latency of kaizen serve under concurrent load",
+            description="Start kaizen serve, stream --requests chat requests of exactly "
+            "--new-tokens tokens from --concurrency client threads, and report tokens/s, time "
+            "to first token, inter-token and request latency (p50, p99); then compare the "
+            "tokens/s with plain batched model.generate and with one request at a time.",
+        ),
+        ServeBench,
+        _serve,
+    )
+    _add(
+        benchmarks.add_parser(
+            "swap",
+            help="request latency while new versions are hot-swapped in, and version purity",
+            description="Start kaizen serve and run the same load twice: alone, then while a "
+            "new random LoRA version is published every --publish-every-s seconds. Report p99 "
+            "latency with and without swaps, the decode loop's pause per swap, the time from "
+            "publish to serving, and how many answers mix versions (each answer's logged "
+            "log-probabilities recomputed under the version it is tagged with).",
+        ),
+        SwapBench,
+        _swap,
+    )
+
+
+def _add(parser: argparse.ArgumentParser, config_cls: type, run: Callable) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+    add_options(parser, config_cls)
+
+    def main(args: argparse.Namespace) -> int:
+        from bench.report import run_and_print
+
+        try:
+            config = from_options(config_cls, args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return run_and_print(
+            f"kaizen {args.command} {args.bench_command}", lambda: run(config), args.json
+        )
+
+    parser.set_defaults(func=main)
+
+
+def _serve(config) -> dict[str, object]:
+    from bench.serve import run
+
+    return run(config)
+
+
+def _swap(config) -> dict[str, object]:
+    from bench.swap import run
+
+    return run(config)

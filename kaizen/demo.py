@@ -56,13 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def start_kaizen(args: list[str], log: Path) -> subprocess.Popen:
+    """Run `kaizen ARGS…` as a subprocess of this Python, its output going to `log`."""
     return subprocess.Popen(
         [sys.executable, "-m", "kaizen.cli", *args], stdout=log.open("w"), stderr=subprocess.STDOUT
     )
 
 
-def _wait_serving(channel: grpc.Channel, server: subprocess.Popen, log: Path) -> None:
+def wait_serving(channel: grpc.Channel, server: subprocess.Popen, log: Path) -> None:
+    """Block until `server` answers health checks with SERVING; raise if it exits first."""
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -136,11 +138,11 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
         str(DATA / "registry"),
     ]
     print(f"kaizen demo: data in {DATA}/, logs in {DATA}/serve.log and {DATA}/learn.log")
-    server = _start(
+    server = start_kaizen(
         ["serve", *common, "--port", str(port), "--metrics-port", str(free_port())],
         DATA / "serve.log",
     )
-    learner = _start(
+    learner = start_kaizen(
         [
             "learn",
             *common,
@@ -156,7 +158,7 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
     started = time.monotonic()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_serving(channel, server, DATA / "serve.log")
+            wait_serving(channel, server, DATA / "serve.log")
             users = Users(channel)
             print(f"server ready in {time.monotonic() - started:.0f} s, serving {users.serving()}")
             for target in range(1, rounds + 1):

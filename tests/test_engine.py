@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
 import time
 
 import grpc
@@ -158,23 +159,30 @@ def test_adapter_slots_are_reused_not_accumulated(make_engine, tiny_model, regis
     assert len(engine.peft.peft_config) <= 2  # one serving slot, one being refilled
 
 
-def test_a_request_waiting_past_the_queue_limit_is_deadline_exceeded(serve_config):
+def test_a_request_waiting_past_the_queue_limit_is_deadline_exceeded(serve_config, monkeypatch):
     from server.app import start
 
-    config = dataclasses.replace(
-        serve_config, max_batch=1, max_queue_wait_s=0.2, max_new_tokens_cap=512
-    )
-    running = start(config)
+    running = start(dataclasses.replace(serve_config, max_queue_wait_s=0.2))
+    engine = running.engine
+    parked, go_on = threading.Event(), threading.Event()
+    install = engine.install_staged
+
+    def park() -> None:  # the decode loop stops here, before it takes any request
+        parked.set()
+        go_on.wait()
+        install()
+
+    monkeypatch.setattr(engine, "install_staged", park)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = chat_pb2_grpc.ChatServiceStub(ch)
-            busy = stub.Generate.future(ask(max_new_tokens=512, temperature=1.0, seed=1))
-            request = ask(max_new_tokens=4, temperature=1.0, seed=2)
-            request.sampling.ignore_eos = True
+            assert parked.wait(10)
             with pytest.raises(grpc.RpcError) as err:
-                stub.Generate(request)
-            assert busy.result().completion_tokens > 0
+                stub.Generate(ask(max_new_tokens=4, seed=2))
+            go_on.set()
+            assert stub.Generate(ask(max_new_tokens=4, seed=3)).completion_tokens > 0
     finally:
+        go_on.set()
         running.stop(grace_s=1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "--max-queue-wait-s" in err.value.details()

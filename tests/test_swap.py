@@ -9,6 +9,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from bench.verify import teacher_forced_logprobs
 from kaizen import modeling
 from kaizen.registry import BASE_VERSION
 from kaizen.v1 import model_pb2
@@ -23,16 +24,6 @@ def wait_for_version(stubs, version: str, timeout_s: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the server never served {version}")
-
-
-def teacher_forced_logprobs(model, generation) -> list[float]:
-    """log μ of each logged token, recomputed unbatched with the logged temperature."""
-    ids = torch.tensor([generation.prompt_tokens + generation.response_tokens])
-    with torch.inference_mode():
-        logits = model(input_ids=ids).logits[0, :-1].float() / generation.sampling.temperature
-    logp = logits.log_softmax(-1)
-    start = len(generation.prompt_tokens) - 1
-    return [float(logp[start + i, t]) for i, t in enumerate(generation.response_tokens)]
 
 
 def model_for(version: str, tiny_model, registry):

@@ -1,0 +1,135 @@
+"""`kaizen bench serve`: the server's throughput and latency under concurrent load.
+
+1. Start `kaizen serve`, warm it up, and stream N chat requests from C client threads,
+   each asking for exactly T tokens: tokens/s, time to first token, inter-token latency
+   and request latency.
+2. Stop it, then generate the same N answers in this process with plain batched
+   `model.generate` (batch C, left-padded) and, for K of them, one request at a time:
+   the two baselines the server's batching is compared with.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.config import ServeBench
+from bench.load import PROMPTS, TEMPERATURE, TOP_P, kaizen_server, run_load, say, warm_up
+from bench.report import environment
+from kaizen import modeling
+
+
+def run(config: ServeBench) -> dict[str, object]:
+    info = modeling.model_info(config.model)
+    device = modeling.pick_device("auto")
+    dtype = modeling.pick_dtype(config.dtype, device)
+    started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="kaizen-bench-serve-") as tmp:
+        say(f"starting kaizen serve on {info.name} ({config.dtype}) in {tmp}")
+        with kaizen_server(
+            config.model.resolve(), Path(tmp), config.concurrency, config.new_tokens, config.dtype
+        ) as server:
+            warm_up(server.channel, config.new_tokens, config.concurrency)
+            say(
+                f"load: {config.requests} requests of {config.new_tokens} tokens, "
+                f"{config.concurrency} at a time"
+            )
+            load = run_load(
+                server.channel, config.requests, config.concurrency, config.new_tokens, 1
+            )
+        server_exit_code = server.exit_code
+
+    say("baselines in this process: batched model.generate, then one request at a time")
+    batched, naive = generate_baselines(config, device, dtype)
+    server_tps = load.tokens_per_s
+    tokens = [r.completion_tokens for r in load.ok]
+    return {
+        "server_tokens_per_s": round(server_tps, 1),
+        "generate_batched_tokens_per_s": round(batched, 1),
+        "naive_tokens_per_s": round(naive, 1),
+        "ratio_vs_batched_generate": round(server_tps / batched, 3),
+        "ratio_vs_naive": round(server_tps / naive, 3),
+        **load.latency_ms(),
+        "concurrency": config.concurrency,
+        "requests": config.requests,
+        "new_tokens": config.new_tokens,
+        "naive_requests": config.naive_requests,
+        "failed_requests": len(load.records) - len(load.ok),
+        "failed_by_code": load.errors,
+        "completion_tokens_min": min(tokens, default=0),
+        "completion_tokens_max": max(tokens, default=0),
+        "server_wall_s": round(load.wall_s, 2),
+        "server_exit_code": server_exit_code,
+        **environment(device, dtype, info.name),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def generate_baselines(
+    config: ServeBench, device: torch.device, dtype: torch.dtype
+) -> tuple[float, float]:
+    """Tokens/s of batched `model.generate` over the N prompts, and of batch 1 over K of them."""
+    tokenizer = modeling.load_tokenizer(config.model)
+    model = modeling.load_model(config.model, device, dtype)
+    prompts = [
+        modeling.chat_prompt_ids(
+            tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        )
+        for i in range(config.requests)
+    ]
+    pad_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    generate(model, prompts[: config.concurrency], min(config.new_tokens, 8), pad_id, device)
+    batches = math.ceil(len(prompts) / config.concurrency)
+    tokens, elapsed_s = 0, 0.0
+    for b in range(batches):
+        chunk = prompts[b * config.concurrency : (b + 1) * config.concurrency]
+        elapsed_s += generate(model, chunk, config.new_tokens, pad_id, device)
+        tokens += len(chunk) * config.new_tokens
+    batched_tps = tokens / elapsed_s
+    naive_s = sum(
+        generate(model, [prompt], config.new_tokens, pad_id, device)
+        for prompt in prompts[: config.naive_requests]
+    )
+    naive_tps = config.naive_requests * config.new_tokens / naive_s
+    return batched_tps, naive_tps
+
+
+def generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, device) -> float:
+    """One left-padded `model.generate` of exactly `new_tokens` sampled tokens; its seconds."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, width)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    _sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            top_p=TOP_P,
+            top_k=0,  # the server samples from the whole vocabulary; HF's default is 50
+            min_new_tokens=new_tokens,  # EOS is masked until then: exactly new_tokens each
+            max_new_tokens=new_tokens,
+            pad_token_id=pad_id,
+        )  # (B, width + new_tokens)
+    _sync(device)
+    elapsed_s = time.perf_counter() - started
+    if out.shape[1] != width + new_tokens:
+        raise RuntimeError(f"generate made {out.shape[1] - width} tokens, not {new_tokens}")
+    return elapsed_s
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,108 @@
+"""`kaizen bench serve` and `kaizen bench swap` end to end on the tiny model, and the
+version check they rely on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench.verify import VersionModels, check
+from kaizen import modeling
+from kaizen.cli import main
+from kaizen.events import Generation, Sampling
+from kaizen.registry import BASE_VERSION, Registry
+from tests.conftest import publish_random_adapter
+
+
+def bench(capsys, *argv: str) -> dict:
+    assert main(["bench", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)  # the one JSON object, nothing else on stdout
+
+
+def test_bench_serve(tiny_model, capsys):
+    figures = bench(
+        capsys,
+        "serve",
+        *("--model", str(tiny_model), "--concurrency", "4", "--requests", "8"),
+        *("--new-tokens", "8", "--naive-requests", "2"),
+    )
+    assert figures["failed_requests"] == 0 and figures["server_exit_code"] == 0
+    assert figures["completion_tokens_min"] == figures["completion_tokens_max"] == 8
+    assert (figures["requests"], figures["concurrency"], figures["new_tokens"]) == (8, 4, 8)
+    for key in (
+        "server_tokens_per_s",
+        "generate_batched_tokens_per_s",
+        "naive_tokens_per_s",
+        "ratio_vs_batched_generate",
+        "ratio_vs_naive",
+        "ttft_p50_ms",
+        "itl_p50_ms",
+        "latency_p99_ms",
+    ):
+        assert figures[key] > 0, key
+    assert figures["ttft_p50_ms"] <= figures["ttft_p99_ms"] <= figures["latency_p99_ms"]
+    assert figures["model"] == "kaizen-tiny-random" and figures["dtype"] == "fp32"
+
+
+def test_bench_swap(tiny_model, capsys):
+    figures = bench(
+        capsys,
+        "swap",
+        *("--model", str(tiny_model), "--concurrency", "4", "--requests", "16"),
+        *("--new-tokens", "32", "--publish-every-s", "0.5"),
+    )
+    assert figures["failed_requests"] == 0 and figures["server_exit_code"] == 0
+    assert figures["completion_tokens_min"] == figures["completion_tokens_max"] == 32
+    assert figures["responses_checked"] == 32 and figures["unlogged_responses"] == 0
+    assert figures["mixed_version_responses"] == 0
+    assert 1 <= figures["swaps"] <= figures["versions_published"]
+    assert figures["p99_ratio"] > 0 and figures["publish_to_serving_ms_p50"] > 0
+    assert sum(figures["answers_by_version_with_swaps"].values()) == 16
+
+
+def test_the_version_check_catches_a_wrong_tag_and_a_mixed_answer(tiny_model, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    models = VersionModels(
+        tiny_model, registry, [BASE_VERSION, v1], torch.device("cpu"), torch.float32
+    )
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    torch.manual_seed(0)
+    answer = Generation(
+        response_id="r-test",
+        user_id="u",
+        request_id="",
+        model_version=v1,
+        messages=messages,
+        prompt_tokens=modeling.chat_prompt_ids(tokenizer, messages),
+        response_tokens=torch.randint(len(tokenizer), (12,)).tolist(),
+        behaviour_logprobs=[],
+        text="",
+        finish_reason="length",
+        sampling=Sampling(max_new_tokens=12, temperature=0.7, seed=1, ignore_eos=True),
+        created_at=0.0,
+    )
+    [by_v1] = models.logprobs(v1, [answer])
+    [by_v0] = models.logprobs(BASE_VERSION, [answer])
+    answer = replace(answer, behaviour_logprobs=by_v1)
+
+    halves = replace(answer, behaviour_logprobs=by_v0[:6] + by_v1[6:])  # a swap mid-answer
+    right, wrong, unknown, mixed_v1, mixed_v0 = check(
+        models,
+        [
+            answer,
+            replace(answer, model_version=BASE_VERSION),
+            replace(answer, model_version="v9"),
+            halves,
+            replace(halves, model_version=BASE_VERSION),
+        ],
+        tolerance=1e-2,
+    )
+    assert not right.mixed and right.best == v1 and right.diff_tagged == pytest.approx(0.0)
+    assert wrong.mixed and wrong.best == v1
+    assert unknown.mixed and unknown.best == v1
+    assert mixed_v1.mixed and mixed_v0.mixed
