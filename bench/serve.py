@@ -45,9 +45,10 @@ def run(config: ServeBench) -> dict[str, object]:
         server_exit_code = server.exit_code
 
     say("baselines in this process: batched model.generate, then one request at a time")
-    batched, naive = generate_baselines(config, device, dtype)
+    batched, naive, prompts = generate_baselines(config, device, dtype)
     server_tps = load.tokens_per_s
     tokens = [r.completion_tokens for r in load.ok]
+    mean_context = sum(len(p) for p in prompts) / len(prompts) + config.new_tokens / 2
     return {
         "server_tokens_per_s": round(server_tps, 1),
         "generate_batched_tokens_per_s": round(batched, 1),
@@ -65,6 +66,7 @@ def run(config: ServeBench) -> dict[str, object]:
         "completion_tokens_max": max(tokens, default=0),
         "server_wall_s": round(load.wall_s, 2),
         "server_exit_code": server_exit_code,
+        **bandwidth(config.model, device, dtype, server_tps, config.concurrency, mean_context),
         **environment(device, dtype, info.name),
         "wall_s": round(time.perf_counter() - started, 1),
     }
@@ -97,7 +99,74 @@ def generate_baselines(
         for prompt in prompts[: config.naive_requests]
     )
     naive_tps = config.naive_requests * config.new_tokens / naive_s
-    return batched_tps, naive_tps
+    return batched_tps, naive_tps, prompts
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters stored in the checkpoint (a tied embedding counts once), from the headers."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                count += math.prod(f.get_slice(key).get_shape())
+    return count
+
+
+# Peak memory bandwidth (GB/s) of the cards a GPU run may land on, by name fragment.
+PEAK_BANDWIDTH_GB_S = {"H200": 4800, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350}
+
+
+def bandwidth(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    tokens_per_s: float,
+    concurrency: int,
+    mean_context: float,
+) -> dict[str, object]:
+    """Decode speed as a fraction of the card's memory-bandwidth limit (GPU runs only)."""
+    if device.type != "cuda":
+        return {}
+    width = torch.tensor([], dtype=dtype).element_size()
+    return decode_bandwidth(
+        model_dir,
+        width,
+        tokens_per_s,
+        concurrency,
+        mean_context,
+        torch.cuda.get_device_name(device),
+    )
+
+
+def decode_bandwidth(
+    model_dir: Path,
+    bytes_per_value: int,
+    tokens_per_s: float,
+    concurrency: int,
+    mean_context: float,
+    gpu_name: str,
+) -> dict[str, object]:
+    """Each decode step reads every weight once and each row's KV cache; at `tokens_per_s`
+    with `concurrency` rows that is `tokens_per_s / concurrency` steps a second."""
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    weights = parameter_count(model_dir) * bytes_per_value
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    kv_per_token = 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * bytes_per_value
+    step_bytes = weights + concurrency * mean_context * kv_per_token
+    achieved = step_bytes * tokens_per_s / concurrency / 1e9
+    peak = next((v for k, v in PEAK_BANDWIDTH_GB_S.items() if k in gpu_name), None)
+    return {
+        "gpu": gpu_name,
+        "bytes_per_decode_step": int(step_bytes),
+        "achieved_bandwidth_gb_s": round(achieved, 1),
+        "peak_bandwidth_gb_s": peak,
+        "bandwidth_fraction": round(achieved / peak, 3) if peak else None,
+    }
 
 
 def generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, device) -> float:

@@ -106,3 +106,20 @@ def test_the_version_check_catches_a_wrong_tag_and_a_mixed_answer(tiny_model, tm
     assert wrong.mixed and wrong.best == v1
     assert unknown.mixed and unknown.best == v1
     assert mixed_v1.mixed and mixed_v0.mixed
+
+
+def test_decode_bandwidth_counts_weights_once_per_step_and_the_kv_cache_per_row(tiny_model):
+    from bench.serve import decode_bandwidth, parameter_count
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
+    step = parameter_count(tiny_model) * 2 + 4 * 100 * kv_per_token
+    # 4 rows at 400 tokens/s = 100 steps/s
+    got = decode_bandwidth(tiny_model, 2, 400.0, 4, 100.0, "NVIDIA H100 80GB HBM3")
+    assert got["bytes_per_decode_step"] == step
+    assert got["achieved_bandwidth_gb_s"] == round(step * 100 / 1e9, 1)
+    assert got["bandwidth_fraction"] == round(step * 100 / 1e9 / 3350, 3)
+    assert (
+        decode_bandwidth(tiny_model, 2, 400.0, 4, 100.0, "Some GPU")["bandwidth_fraction"] is None
+    )
