@@ -126,10 +126,22 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 batched decoding measured slower there), bf16 on GPU."""
+    """The serving precision. `auto`: bf16 on GPU, and on a CPU with native bf16 arithmetic
+    (AVX-512 BF16 or AMX), where `kaizen bench serve` measured it 1.6x faster than fp32
+    for the default model; fp32 on other CPUs."""
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: stay on the safe side
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_tokenizer(path: Path | str):

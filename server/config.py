@@ -20,7 +20,7 @@ class ServeConfig:
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1 …")
     dtype: str = option(
         "auto",
-        "weights' precision; auto = fp32 on CPU, bf16 on GPU",
+        "weights' precision; auto = bf16 on GPU and on CPUs with native bf16, else fp32",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     max_batch: int = option(16, "requests decoded together in one batch at most")

@@ -47,6 +47,7 @@ def serve_config(tiny_model, tmp_path):
         registry=tmp_path / "registry",
         port=0,
         metrics_port=0,
+        dtype="fp32",  # the tests recompute logged log-probabilities exactly
         max_new_tokens_cap=64,
         default_max_new_tokens=8,
         poll_registry_s=0.05,

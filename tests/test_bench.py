@@ -44,7 +44,8 @@ def test_bench_serve(tiny_model, capsys):
     ):
         assert figures[key] > 0, key
     assert figures["ttft_p50_ms"] <= figures["ttft_p99_ms"] <= figures["latency_p99_ms"]
-    assert figures["model"] == "kaizen-tiny-random" and figures["dtype"] == "fp32"
+    assert figures["model"] == "kaizen-tiny-random"
+    assert figures["dtype"] == ("bf16" if modeling.cpu_has_native_bf16() else "fp32")  # auto
 
 
 def test_bench_swap(tiny_model, capsys):
