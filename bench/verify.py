@@ -28,7 +28,10 @@ from kaizen.registry import BASE_VERSION, Registry
 # moved its mean log-prob by 0.03 (SmolLM2-135M, CPU): most of the tolerance, so bf16
 # answers are recomputed one per pass; in fp32 batched and unbatched agree to 1e-5.
 TOKENS_PER_PASS = {torch.float32: 1024, torch.bfloat16: 0}
-TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 5e-2}  # mean |logged − recomputed| allowed
+# Mean |logged − recomputed| allowed. bf16 alone moves a whole answer's mean by up to
+# 0.07 (batched decode against unbatched recompute, SmolLM2-135M, CPU), while two versions
+# differ by ~0.6 nats a token; an answer half from another version is off by ~0.3.
+TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 0.15}
 
 
 def teacher_forced_logprobs(model, generation: Generation) -> list[float]:

@@ -305,6 +305,7 @@ class Engine:
         self._slots: dict[str, str | None] = {}  # peft adapter name -> version it holds
         self._slot_keys: dict[str, tuple] = {}
         self._next_slot = 0
+        self._active_slot: str | None = None  # peft's active adapter, for one-slot steps
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
         self._batch = _Batch()
         self._running = threading.Event()
@@ -427,6 +428,15 @@ class Engine:
     def _forward(self, rows: list[_Row], **inputs):
         if self.peft is None:
             return self.base(**inputs, use_cache=True)
+        slots = {r.slot for r in rows}
+        if len(slots) == 1 and BASE_SLOT not in slots:
+            # One adapter for every row: peft's plain path, 15-20 % faster than the
+            # mixed-batch one (bench on SmolLM2-135M, bf16, B = 16).
+            (slot,) = slots
+            if self._active_slot != slot:
+                self.peft.base_model.set_adapter(slot)
+                self._active_slot = slot
+            return self.peft(**inputs, use_cache=True)
         return self.peft(**inputs, use_cache=True, adapter_names=[r.slot for r in rows])
 
     @torch.inference_mode()
@@ -563,6 +573,7 @@ class Engine:
                 del self._slots[old], self._slot_keys[old]
                 self._slot_params.pop(old, None)
             self.peft.eval()
+            self._active_slot = None  # adding or deleting adapters may move peft's active one
             self._slots[slot], self._slot_keys[slot] = None, key
         if not self._copy_into(slot, adapter.state_dict):
             result = set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=slot)
