@@ -1,6 +1,8 @@
 """`kaizen bench swap`: what hot swaps cost the requests in flight, and whether any mixes versions.
 
-1. Start `kaizen serve` and run the load alone: latency without swaps.
+1. Start `kaizen serve`, publish one adapter and wait until it serves (its install, the
+   first of the process, wraps the model's layers: `first_install_ms`), then run the
+   load alone: latency without swaps, serving an adapter as in phase 3.
 2. Build random LoRA adapters (enough for phase 3 at --publish-every-s, from phase 1's
    duration) while the server idles, so that publishing under load is only a file copy.
 3. Run the same load while a thread publishes a new version every --publish-every-s
@@ -50,6 +52,10 @@ def run(config: SwapBench) -> dict[str, object]:
         say(f"starting kaizen serve on {info.name} ({config.dtype}) in {workdir}")
         with kaizen_server(config.model.resolve(), workdir, C, T, config.dtype) as server:
             registry = Registry(server.registry_dir)
+            say(f"publishing a first adapter (r={LORA['r']}): both phases serve an adapter")
+            (first_adapter,) = build_adapters(config.model, workdir / "first", 1, seed=10_000)
+            first = publish(registry, first_adapter, info.name)
+            first_install_ms = wait_serving_version(server.channel, first).install_ms
             warm_up(server.channel, T, C)
             say(f"phase 1, no swaps: {N} requests of {T} tokens, {C} at a time")
             calm = run_load(server.channel, N, C, T, first_seed=1)
@@ -72,7 +78,8 @@ def run(config: SwapBench) -> dict[str, object]:
         finally:
             buffer.close()
         generations = [g for g in logged if g is not None]
-        models = VersionModels(config.model, registry, [BASE_VERSION, *published], device, dtype)
+        versions = [BASE_VERSION, first, *published]
+        models = VersionModels(config.model, registry, versions, device, dtype)
         verdicts = check(models, generations, TOLERANCE[dtype])
 
     for v in verdicts:
@@ -115,6 +122,7 @@ def run(config: SwapBench) -> dict[str, object]:
         "swap_pause_ms_p50": _round(percentile(install_ms, 50), 1),
         "swap_pause_ms_p99": _round(percentile(install_ms, 99), 1),
         "swap_pause_ms_max": _round(max(install_ms, default=None), 1),
+        "first_install_ms": _round(first_install_ms, 1),
         "publish_to_serving_ms_p50": _round(percentile(publish_to_serving_ms, 50), 1),
         "versions_published": len(published),
         "answers_by_version_with_swaps": _answers_by_version(swapping),
@@ -155,6 +163,27 @@ def build_adapters(model_dir: Path, out: Path, count: int, seed: int = 0) -> lis
     return paths
 
 
+def publish(registry: Registry, adapter: Path, base_model: str) -> str:
+    """Publish a prebuilt adapter directory as the next version; return its name."""
+    with registry.publish(base_model, {"bench_adapter": adapter.name}) as staging:
+        for f in adapter.iterdir():
+            shutil.copyfile(f, staging / f.name)
+    return registry.latest()
+
+
+def wait_serving_version(
+    channel: grpc.Channel, version: str, timeout_s: float = 120.0
+) -> model_pb2.ServedVersion:
+    stub = model_pb2_grpc.ModelServiceStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        serving = stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=10).versions[0]
+        if serving.version == version:
+            return serving
+        time.sleep(POLL_S)
+    raise RuntimeError(f"the server did not serve {version} within {timeout_s:g} s")
+
+
 class Publisher:
     """Publishes the prebuilt adapters as new versions, one every `every_s` seconds."""
 
@@ -179,10 +208,7 @@ class Publisher:
 
     def _run(self) -> None:
         for adapter in self.adapters:
-            with self.registry.publish(self.base_model, {"bench_adapter": adapter.name}) as staging:
-                for f in adapter.iterdir():
-                    shutil.copyfile(f, staging / f.name)
-            self.published.append(self.registry.latest())
+            self.published.append(publish(self.registry, adapter, self.base_model))
             if self._stop.wait(self.every_s):
                 return
         say(f"warning: all {len(self.adapters)} adapters published before the load ended")
