@@ -156,7 +156,8 @@ def test_adapter_slots_are_reused_not_accumulated(make_engine, tiny_model, regis
         wait_until(lambda: engine.version == version)  # noqa: B023 - called at once
         drain(engine.submit(job(3, seed=seed)))
     assert engine.version == "v5"
-    assert len(engine.peft.peft_config) <= 2  # one serving slot, one being refilled
+    # the first install made a slot and a spare; every later version was copied into one
+    assert len(engine.peft.peft_config) == 2
 
 
 def test_a_request_waiting_past_the_queue_limit_is_deadline_exceeded(serve_config, monkeypatch):
