@@ -562,23 +562,26 @@ class Engine:
         free = [s for s, held in self._slots.items() if held is None]
         slot = next((s for s in free if self._slot_keys[s] == key), None)
         if slot is None:
-            # New slots: this one and a spare of the same shape, so that the next version
-            # is a copy too while this one still has rows. Free slots shaped for another
-            # config go away.
-            slot, spare = (f"slot{self._next_slot + i}" for i in range(2))
-            self._next_slot += 2
+            # A new slot. The first of its shape comes with a spare, so that the next
+            # version is a copy too while this one still has rows. Free slots shaped for
+            # another config go away.
+            first_of_shape = key not in self._slot_keys.values()
+            new_slots = [f"slot{self._next_slot + i}" for i in range(1 + first_of_shape)]
+            self._next_slot += len(new_slots)
+            slot = new_slots[0]
             if self.peft is None:
                 self.peft = PeftModel(self.base, adapter.config, adapter_name=slot)
             else:
                 self.peft.add_adapter(slot, adapter.config)
-            self.peft.add_adapter(spare, adapter.config)
+            for spare in new_slots[1:]:
+                self.peft.add_adapter(spare, adapter.config)
             for old in free:
                 self.peft.delete_adapter(old)
                 del self._slots[old], self._slot_keys[old]
                 self._slot_params.pop(old, None)
             self.peft.eval()
             self._active_slot = None  # adding or deleting adapters may move peft's active one
-            for new in (slot, spare):
+            for new in new_slots:
                 self._slots[new], self._slot_keys[new] = None, key
         if not self._copy_into(slot, adapter.state_dict):
             result = set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=slot)
