@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MODEL ?= models/smollm2-135m-instruct
 
-.PHONY: install model demo test test-slow test-gpu proto lint clean
+.PHONY: install model demo test test-slow test-gpu bench proto lint clean
 
 # torch first and pinned: on this kind of machine `torch==2.13.0` is the CPU wheel on
 # disk; any range would pull a multi-GB CUDA build. The range in pyproject.toml is then
@@ -37,12 +37,16 @@ test-slow: install model
 test-gpu: install
 	$(PY) -m pytest -m gpu
 
+bench: model
+	$(VENV)/bin/kaizen bench serve --json --model $(MODEL)
+	$(VENV)/bin/kaizen bench swap --json --model $(MODEL)
+
 proto: install
 	$(PY) -m kaizen.protogen
 
 lint: install
-	$(VENV)/bin/ruff check kaizen server learner tests
-	$(VENV)/bin/ruff format --check kaizen server learner tests
+	$(VENV)/bin/ruff check kaizen server learner bench tests
+	$(VENV)/bin/ruff format --check kaizen server learner bench tests
 
 clean:
 	rm -rf $(VENV) kaizen-data .pytest_cache
