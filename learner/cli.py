@@ -23,12 +23,19 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _learn(config) -> int:
     import signal
+    import sys
     import threading
 
     import prometheus_client
 
     from learner.loop import Learner
+    from learner.rewards import RewardConfigError, load_rewards
 
+    try:
+        load_rewards(config.rewards)  # a bad file fails here, before the model loads
+    except RewardConfigError as exc:
+        print(f"kaizen learn: --rewards {exc}", file=sys.stderr)
+        return 2
     learner = Learner(config)
     if config.metrics_port >= 0:
         http, _ = prometheus_client.start_http_server(config.metrics_port)

@@ -31,3 +31,6 @@ class LearnerConfig:
     metrics_port: int = option(9401, "Prometheus /metrics HTTP port; 0 picks one, -1 none")
     max_steps: int = option(0, "stop after this many gradient steps (0 = run until stopped)")
     seed: int = option(0, "random seed for the adapter's initialisation")
+    rewards: Path | None = option(
+        None, "reward configuration (TOML); default: the shipped learner/rewards.toml"
+    )

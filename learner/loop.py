@@ -23,7 +23,7 @@ from kaizen.registry import BASE_VERSION, Registry, version_number
 from learner import metrics
 from learner.config import LearnerConfig
 from learner.reinforce import reinforce_loss
-from learner.rewards import RewardWeights, reward
+from learner.rewards import load_rewards, reward
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Learner:
         self.tokenizer = modeling.load_tokenizer(config.model)
         self.buffer = buffer if buffer is not None else open_buffer(config.buffer)
         self.registry = Registry(config.registry)
-        self.weights = RewardWeights()
+        self.rewards = load_rewards(config.rewards)
         base = modeling.load_model(config.model, self.device, torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -129,7 +129,7 @@ class Learner:
                 return
             for sample in rows:
                 self.read_cursor = sample.seq
-                r = reward(sample.feedback, self.weights)
+                r = reward(sample.feedback, self.rewards, sample.generation, time.time())
                 metrics.SAMPLES.labels("yes" if r is not None else "no").inc()
                 if r is not None:
                     if not self.pending:

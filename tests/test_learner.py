@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 
@@ -15,7 +16,13 @@ from kaizen.registry import Registry
 from learner.config import LearnerConfig
 from learner.loop import Learner
 from learner.reinforce import reinforce_loss, response_logprobs, token_kl
-from learner.rewards import reward
+from learner.rewards import (
+    RewardConfig,
+    RewardConfigError,
+    load_rewards,
+    reward,
+    to_toml,
+)
 
 
 def fb(kind: FeedbackKind, value: float = 0.0, text: str = "") -> Feedback:
@@ -32,7 +39,7 @@ def fb(kind: FeedbackKind, value: float = 0.0, text: str = "") -> Feedback:
         (fb(FeedbackKind.RATING, 5), 1.0),
         (fb(FeedbackKind.COPY), 0.5),
         (fb(FeedbackKind.CLICK), 0.1),
-        (fb(FeedbackKind.DWELL, 15_000), 0.15),
+        (fb(FeedbackKind.DWELL, 1_000), 0.15),  # no answer at hand: 2 s to read
         (fb(FeedbackKind.DWELL, 120_000), 0.3),
         (fb(FeedbackKind.REGENERATE), -0.5),
         (fb(FeedbackKind.CORRECTION, text="Paris."), -0.5),
@@ -41,6 +48,81 @@ def fb(kind: FeedbackKind, value: float = 0.0, text: str = "") -> Feedback:
 )
 def test_reward_of_each_kind(event, expected):
     assert reward(event) == (pytest.approx(expected) if expected is not None else None)
+
+
+def answer(words: int, created_at: float = 0.0) -> Generation:
+    return Generation(
+        response_id="r",
+        user_id="u",
+        request_id="",
+        model_version="v0",
+        messages=[{"role": "user", "content": "q"}],
+        prompt_tokens=[1],
+        response_tokens=[2],
+        behaviour_logprobs=[-1.0],
+        text=" ".join(["word"] * words),
+        finish_reason="stop",
+        sampling=Sampling(),
+        created_at=created_at,
+    )
+
+
+def test_dwell_is_normalised_by_the_answer_length():
+    ten_seconds = fb(FeedbackKind.DWELL, 10_000)
+    short, long = answer(20), answer(200)  # 5 s and 50 s to read at 4 words/s
+    assert reward(ten_seconds, generation=short) == pytest.approx(0.3)
+    assert reward(ten_seconds, generation=long) == pytest.approx(0.3 * 10 / 50)
+
+
+def test_rewards_decay_with_the_answers_age():
+    config = RewardConfig(half_life_s=3600)
+    thumb = fb(FeedbackKind.THUMB, 1)
+    assert reward(thumb, config, answer(5, created_at=1000.0), now=1000.0) == 1.0
+    assert reward(thumb, config, answer(5, created_at=1000.0), now=4600.0) == pytest.approx(0.5)
+    assert reward(thumb, RewardConfig(), answer(5, created_at=0.0), now=1e9) == 1.0
+
+
+def test_the_shipped_reward_file_holds_the_defaults_and_round_trips(tmp_path):
+    assert load_rewards() == RewardConfig()
+    custom = RewardConfig(copy=0.25, regenerate=-1.0, half_life_s=60.0)
+    (tmp_path / "r.toml").write_text(to_toml(custom))
+    assert load_rewards(tmp_path / "r.toml") == custom
+
+
+def test_a_reward_file_overrides_only_the_keys_it_names(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[implicit]\ncopy = 0.9\n")
+    config = load_rewards(path)
+    assert config.copy == 0.9 and config.thumb == 1.0 and config.regenerate == -0.5
+    assert reward(fb(FeedbackKind.COPY), config) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("[implicit]\ncopi = 0.5\n", "implicit.copi: unknown key"),
+        ("[bonus]\nx = 1\n", "unknown section [bonus]"),
+        ("[explicit]\nthumb = 'yes'\n", "explicit.thumb: must be a number"),
+        ("[implicit]\nregenerate = -3\n", "implicit.regenerate: -3 is outside"),
+        ("[implicit]\nreading_words_per_s = 0\n", "implicit.reading_words_per_s: must be above 0"),
+        ("[decay]\nhalf_life_s = -1\n", "decay.half_life_s: must be 0 or more"),
+        ("[explicit\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_reward_file_is_refused_naming_the_key(tmp_path, text, names):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    with pytest.raises(RewardConfigError, match=re.escape(names)):
+        load_rewards(path)
+
+
+def test_kaizen_learn_refuses_a_bad_reward_file_before_loading_anything(tmp_path, capsys):
+    from kaizen.cli import main
+
+    path = tmp_path / "r.toml"
+    path.write_text("[implicit]\ncopi = 0.5\n")
+    assert main(["learn", "--rewards", str(path), "--model", str(tmp_path / "none")]) == 2
+    assert "implicit.copi: unknown key" in capsys.readouterr().err
 
 
 def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
