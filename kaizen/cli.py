@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
 
+    from kaizen import simulate
+
+    simulate.add_parser(commands)
+
     for ep in sorted(entry_points(group="kaizen.commands"), key=lambda e: e.name):
         ep.load()(commands)
     return parser

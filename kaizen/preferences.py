@@ -1,0 +1,132 @@
+"""Simulated users' tastes: what they like, and the feedback they send about an answer.
+
+A preference is called with the prompt, the answer and a random generator, and returns
+the feedback events to send (`Reaction`s; the simulator adds ids and sends them through
+the real feedback API). `kaizen simulate --preference module:function` takes any such
+callable; one with a `liked(prompt, answer)` attribute can also be measured, as the
+share of answers liked on held-out prompts.
+
+The shipped ones (`concise`, `follow_up`) behave like real users: sparse (most answers
+get no explicit verdict), noisy (a verdict is sometimes the wrong way round), and mostly
+implicit (reading time, copies, regenerations, the odd comment).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kaizen.events import FeedbackKind
+
+FILLER = re.compile(
+    r"^\s*(sure|certainly|of course|great question|absolutely|i'd be happy|i would be happy|"
+    r"as an ai|hello|hi there|well,)",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """One feedback event, before it gets an event id."""
+
+    kind: FeedbackKind
+    value: float = 0.0  # thumb ±1, rating 1..5, dwell in ms
+    text: str = ""  # comment or correction
+
+
+@dataclass(frozen=True)
+class Noise:
+    """How a simulated user reacts, given whether they liked the answer."""
+
+    explicit: float = 0.3  # chance of a thumb or a rating
+    rating_share: float = 0.3  # of the explicit verdicts, the share given as a rating
+    flip: float = 0.1  # chance that an explicit verdict is the wrong way round
+    dwell: float = 0.5  # chance that reading time is reported
+    copy_if_liked: float = 0.2
+    regenerate_if_disliked: float = 0.15
+    comment: float = 0.05
+    words_per_s: float = 4.0
+
+
+def react(
+    liked: bool, answer: str, rng: random.Random, complaint: str, noise: Noise = Noise()
+) -> list[Reaction]:
+    """The events one user sends about one answer they `liked` (or not)."""
+    events = []
+    if rng.random() < noise.explicit:
+        verdict = liked != (rng.random() < noise.flip)
+        if rng.random() < noise.rating_share:
+            stars = rng.choice((4, 5)) if verdict else rng.choice((1, 2))
+            events.append(Reaction(FeedbackKind.RATING, float(stars)))
+        else:
+            events.append(Reaction(FeedbackKind.THUMB, 1.0 if verdict else -1.0))
+    if rng.random() < noise.dwell:
+        read_s = max(1.0, len(answer.split()) / noise.words_per_s)
+        seconds = read_s * rng.uniform(0.9, 1.6) if liked else rng.uniform(0.5, 0.4 * read_s + 1)
+        events.append(Reaction(FeedbackKind.DWELL, round(seconds * 1000.0)))
+    if liked and rng.random() < noise.copy_if_liked:
+        events.append(Reaction(FeedbackKind.COPY))
+    if not liked and rng.random() < noise.regenerate_if_disliked:
+        events.append(Reaction(FeedbackKind.REGENERATE))
+    if not liked and rng.random() < noise.comment:
+        events.append(Reaction(FeedbackKind.COMMENT, text=complaint))
+    return events
+
+
+class Preference:
+    """A taste (`liked`) plus the noisy, sparse way a user reports it."""
+
+    def __init__(self, name: str, liked: Callable[[str, str], bool], complaint: str) -> None:
+        self.name = name
+        self.liked = liked
+        self.complaint = complaint
+
+    def __call__(self, prompt: str, answer: str, rng: random.Random) -> list[Reaction]:
+        return react(self.liked(prompt, answer), answer, rng, self.complaint)
+
+    def __repr__(self) -> str:
+        return f"Preference({self.name})"
+
+
+CONCISE_MAX_WORDS = 30
+
+
+def likes_concise(prompt: str, answer: str) -> bool:
+    """Short (≤ 30 words) and direct: something said, and no preamble before it."""
+    words = answer.split()
+    return 0 < len(words) <= CONCISE_MAX_WORDS and not FILLER.match(answer)
+
+
+def likes_follow_up(prompt: str, answer: str) -> bool:
+    """The answer ends by asking the user something back."""
+    text = answer.strip().rstrip("\"')]*_ ")
+    return len(text.split()) >= 3 and text.endswith("?")
+
+
+concise = Preference("concise", likes_concise, "too long, just give me the answer")
+follow_up = Preference("follow_up", likes_follow_up, "you could ask me what I need before going on")
+
+SHIPPED = {"concise": concise, "follow_up": follow_up}
+
+
+def load_preference(spec: str):
+    """`concise`, `follow_up`, or `module:function` for one of your own."""
+    if spec in SHIPPED:
+        return SHIPPED[spec]
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"--preference: {spec!r} is neither a shipped preference "
+            f"({', '.join(SHIPPED)}) nor module:function"
+        )
+    import importlib
+
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--preference: cannot load {spec}: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"--preference: {spec} is not callable")
+    return fn
