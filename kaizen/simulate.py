@@ -41,6 +41,18 @@ def load_prompts(name_or_path: str) -> list[str]:
     return prompts
 
 
+def ask(
+    prompt: str, user: str, max_new_tokens: int, temperature: float, seed: int
+) -> chat_pb2.GenerateRequest:
+    return chat_pb2.GenerateRequest(
+        messages=[chat_pb2.Message(role="user", content=prompt)],
+        sampling=chat_pb2.SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        ),
+        user_id=user,
+    )
+
+
 def to_pb(reaction: Reaction, response_id: str, user_id: str) -> feedback_pb2.Feedback:
     fb = feedback_pb2.Feedback(
         event_id=f"sim-{uuid.uuid4().hex}", response_id=response_id, user_id=user_id
@@ -112,18 +124,9 @@ class Simulator:
         rng = random.Random(f"{self.seed}:{i}")
         prompt = rng.choice(self.prompts)
         user = f"sim-user-{i % self.users}"
-        reply = self.chat.Generate(
-            chat_pb2.GenerateRequest(
-                messages=[chat_pb2.Message(role="user", content=prompt)],
-                sampling=chat_pb2.SamplingParams(
-                    max_new_tokens=self.max_new_tokens,
-                    temperature=self.temperature,
-                    seed=rng.getrandbits(62) + 1,
-                ),
-                user_id=user,
-            ),
-            timeout=600,
-        )
+        seed = rng.getrandbits(62) + 1
+        request = ask(prompt, user, self.max_new_tokens, self.temperature, seed)
+        reply = self.chat.Generate(request, timeout=600)
         reactions = self.preference(prompt, reply.text, rng)
         if reactions:
             self.feedback.StreamFeedback(
@@ -164,21 +167,13 @@ def liked_rate(
     (the same server version gives the same answers); also the versions that answered."""
     chat = chat_pb2_grpc.ChatServiceStub(channel)
 
-    def ask(k: int) -> tuple[bool, str]:
-        reply = chat.Generate(
-            chat_pb2.GenerateRequest(
-                messages=[chat_pb2.Message(role="user", content=prompts[k])],
-                sampling=chat_pb2.SamplingParams(
-                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + k
-                ),
-                user_id="sim-evaluator",
-            ),
-            timeout=600,
-        )
+    def one(k: int) -> tuple[bool, str]:
+        request = ask(prompts[k], "sim-evaluator", max_new_tokens, temperature, seed + k)
+        reply = chat.Generate(request, timeout=600)
         return liked(prompts[k], reply.text), reply.model_version
 
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(ask, range(len(prompts))))
+        results = list(pool.map(one, range(len(prompts))))
     return sum(ok for ok, _ in results) / len(results), Counter(v for _, v in results)
 
 
