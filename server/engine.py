@@ -548,11 +548,6 @@ class Engine:
             log.info("canary %s installed (%.1f ms)", adapter.version, pause * 1e3)
             self.canary = record
 
-    def set_canary(self, version: str | None) -> None:
-        """Stop routing to the canary (None); its slot is freed once its rows finish."""
-        if version is None:
-            self.canary = None
-
     def _install(self, adapter: Adapter) -> None:
         """Copy the adapter's weights into a free slot (adding one if none fits)."""
         from peft import PeftModel, set_peft_model_state_dict

@@ -13,9 +13,10 @@ import torch
 from prometheus_client import REGISTRY
 
 from kaizen import modeling
+from kaizen.errors import ResourceExhausted
 from kaizen.events import Sampling
 from kaizen.v1 import chat_pb2_grpc
-from server.engine import Engine, Failed, Finished, Request, Token
+from server.engine import Engine, Failed, Finished, Request, Token, WaitQueue
 from server.weights import read_adapter
 from tests.conftest import ask, publish_random_adapter
 from tests.test_swap import model_for, teacher_forced_logprobs
@@ -210,3 +211,16 @@ def test_stop_fails_every_row_and_waiting_request(make_engine):
             except queue.Empty:
                 break
         assert isinstance(events[-1], Failed) and "shut down" in str(events[-1].error)
+
+
+def test_cancelled_requests_do_not_take_a_place_in_the_queue():
+    waiting = WaitQueue(maxsize=2)
+    first, second = job(4, seed=1), job(4, seed=2)
+    waiting.put(first)
+    waiting.put(second)
+    with pytest.raises(ResourceExhausted, match="--max-queue"):
+        waiting.put(job(4, seed=3))
+    first.cancel()
+    third = job(4, seed=4)
+    waiting.put(third)  # the cancelled one made room
+    assert waiting.take(5, wait_s=0) == [second, third]
