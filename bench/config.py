@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kaizen.config import option
-from kaizen.modeling import DEFAULT_MODEL_DIR
+from kaizen.modeling import DEFAULT_MODEL_DIR, DTYPE_HELP
 
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -24,7 +24,7 @@ class ServeBench:
     concurrency: int = option(16, "client threads, and the server's --max-batch")
     requests: int = option(64, "requests to complete")
     new_tokens: int = option(64, "tokens generated per request (exactly: ignore_eos)")
-    dtype: str = option("auto", "weights' precision; auto = fp32 on CPU, bf16 on GPU", DTYPES)
+    dtype: str = option("auto", DTYPE_HELP, DTYPES)
     naive_requests: int = option(4, "requests answered one at a time for the naive baseline")
 
     def __post_init__(self) -> None:
@@ -38,7 +38,7 @@ class SwapBench:
     requests: int = option(64, "requests to complete in each phase")
     new_tokens: int = option(32, "tokens generated per request (exactly: ignore_eos)")
     publish_every_s: float = option(3.0, "seconds between two published versions in phase 2")
-    dtype: str = option("auto", "weights' precision; auto = fp32 on CPU, bf16 on GPU", DTYPES)
+    dtype: str = option("auto", DTYPE_HELP, DTYPES)
 
     def __post_init__(self) -> None:
         _check_positive(self)

@@ -125,6 +125,9 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+DTYPE_HELP = "weights' precision; auto = bf16 on GPU and on CPUs with native bf16, else fp32"
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The serving precision. `auto`: bf16 on GPU, and on a CPU with native bf16 arithmetic
     (AVX-512 BF16 or AMX), where `kaizen bench serve` measured it 1.6x faster than fp32

@@ -29,14 +29,13 @@ def _learn(config) -> int:
     import prometheus_client
 
     from learner.loop import Learner
-    from learner.rewards import RewardConfigError, load_rewards
+    from learner.rewards import RewardConfigError
 
     try:
-        load_rewards(config.rewards)  # a bad file fails here, before the model loads
+        learner = Learner(config)
     except RewardConfigError as exc:
         print(f"kaizen learn: --rewards {exc}", file=sys.stderr)
         return 2
-    learner = Learner(config)
     if config.metrics_port >= 0:
         http, _ = prometheus_client.start_http_server(config.metrics_port)
         metrics_at = f"metrics on http://127.0.0.1:{http.server_port}/metrics"

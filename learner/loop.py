@@ -55,12 +55,12 @@ class Learner:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         self.config = config
+        self.rewards = load_rewards(config.rewards)  # a bad file fails before anything loads
         self.info = modeling.model_info(config.model)
         self.device = modeling.pick_device(config.device)
         self.tokenizer = modeling.load_tokenizer(config.model)
         self.buffer = buffer if buffer is not None else open_buffer(config.buffer)
         self.registry = Registry(config.registry)
-        self.rewards = load_rewards(config.rewards)
         base = modeling.load_model(config.model, self.device, torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)

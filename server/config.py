@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaizen.config import option
-from kaizen.modeling import DEFAULT_MODEL_DIR
+from kaizen.modeling import DEFAULT_MODEL_DIR, DTYPE_HELP
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class ServeConfig:
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1 …")
     dtype: str = option(
         "auto",
-        "weights' precision; auto = bf16 on GPU and on CPUs with native bf16, else fp32",
+        DTYPE_HELP,
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     max_batch: int = option(16, "requests decoded together in one batch at most")
