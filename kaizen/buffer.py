@@ -83,6 +83,10 @@ class ReplayBuffer(Protocol):
 
     def read_samples(self, after_seq: int, limit: int) -> list[Sample]: ...
 
+    def read_answers(
+        self, after_seq: int, created_before: float, limit: int
+    ) -> list[tuple[int, Generation, bool]]: ...
+
     def last_seq(self) -> int: ...
 
     def generation(self, response_id: str) -> Generation | None: ...
@@ -246,6 +250,20 @@ class SQLiteBuffer:
             )
             for r in rows
         ]
+
+    def read_answers(
+        self, after_seq: int, created_before: float, limit: int
+    ) -> list[tuple[int, Generation, bool]]:
+        """Answers after a cursor (generation seq) given before `created_before`, in order:
+        (seq, answer, whether any feedback on it is stored yet)."""
+        sql = """
+            SELECT g.*, EXISTS (SELECT 1 FROM feedback f WHERE f.response_id = g.response_id)
+                   AS has_feedback
+            FROM generations g WHERE g.seq > ? AND g.created_at < ? ORDER BY g.seq LIMIT ?
+        """
+        with self._read_lock:
+            rows = self._reader.execute(sql, (after_seq, created_before, limit)).fetchall()
+        return [(r["seq"], Generation.from_row(dict(r)), bool(r["has_feedback"])) for r in rows]
 
     def last_seq(self) -> int:
         with self._read_lock:

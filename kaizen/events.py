@@ -17,6 +17,9 @@ class FeedbackKind(enum.StrEnum):
     REGENERATE = "regenerate"
     COMMENT = "comment"
     CORRECTION = "correction"
+    # Never sent by users: the learner's own record that an answer got no reaction at all
+    # within the reward file's window. Not on the wire, never stored in the buffer.
+    NO_REACTION = "no_reaction"
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,14 @@ def stop_token_ids(tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def end_of_turn_id(tokenizer) -> int:
+    """The token a finished answer ends with: the chat template's end of turn, else EOS."""
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        return end_of_turn
+    return tokenizer.eos_token_id
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The chat-templated prompt, ending where the assistant's answer begins."""
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -22,7 +22,7 @@ from kaizen.events import FeedbackKind
 
 FILLER = re.compile(
     r"^\s*(sure|certainly|of course|great question|absolutely|i'd be happy|i would be happy|"
-    r"as an ai|hello|hi there|well,)",
+    r"as an ai|hello|hi there|well,|here is|here's|here are)",
     re.IGNORECASE,
 )
 
@@ -46,14 +46,25 @@ class Noise:
     dwell: float = 0.5  # chance that reading time is reported
     copy_if_liked: float = 0.2
     regenerate_if_disliked: float = 0.15
-    comment: float = 0.05
+    comment: float = 0.05  # chance of a written comment: a complaint, or praise if liked
+    correct_if_disliked: float = 0.1  # chance that the user writes the answer they wanted
     words_per_s: float = 4.0
 
 
 def react(
-    liked: bool, answer: str, rng: random.Random, complaint: str, noise: Noise = Noise()
+    liked: bool,
+    answer: str,
+    rng: random.Random,
+    complaint: str,
+    noise: Noise = Noise(),
+    praise: str = "thanks, that is what I needed",
+    correction: str = "",
 ) -> list[Reaction]:
-    """The events one user sends about one answer they `liked` (or not)."""
+    """The events one user sends about one answer they `liked` (or not).
+
+    `correction` is the answer the user would have wanted; a disliked answer sometimes
+    gets it back as a correction (never when it is empty).
+    """
     events = []
     if rng.random() < noise.explicit:
         verdict = liked != (rng.random() < noise.flip)
@@ -70,27 +81,60 @@ def react(
         events.append(Reaction(FeedbackKind.COPY))
     if not liked and rng.random() < noise.regenerate_if_disliked:
         events.append(Reaction(FeedbackKind.REGENERATE))
-    if not liked and rng.random() < noise.comment:
-        events.append(Reaction(FeedbackKind.COMMENT, text=complaint))
+    if rng.random() < noise.comment:
+        events.append(Reaction(FeedbackKind.COMMENT, text=praise if liked else complaint))
+    if not liked and correction and rng.random() < noise.correct_if_disliked:
+        events.append(Reaction(FeedbackKind.CORRECTION, text=correction))
     return events
 
 
-class Preference:
-    """A taste (`liked`) plus the noisy, sparse way a user reports it."""
+PRAISES = (
+    "thanks, that is what I needed",
+    "perfect, exactly right",
+    "great answer, very helpful",
+    "nice, clear and to the point",
+    "this helped a lot, thank you",
+)
 
-    def __init__(self, name: str, liked: Callable[[str, str], bool], complaint: str) -> None:
+class Preference:
+    """A taste (`liked`), what the user writes when they comment or correct, and the
+    noisy, sparse way they report it."""
+
+    def __init__(
+        self,
+        name: str,
+        liked: Callable[[str, str], bool],
+        correct: Callable[[str, str, random.Random], str],
+        complaints: tuple[str, ...],
+        praises: tuple[str, ...] = PRAISES,
+        noise: Noise = Noise(),
+    ) -> None:
         self.name = name
         self.liked = liked
-        self.complaint = complaint
+        self.correct = correct
+        self.complaints = complaints
+        self.praises = praises
+        self.noise = noise
 
     def __call__(self, prompt: str, answer: str, rng: random.Random) -> list[Reaction]:
-        return react(self.liked(prompt, answer), answer, rng, self.complaint)
+        liked = self.liked(prompt, answer)
+        return react(
+            liked,
+            answer,
+            rng,
+            rng.choice(self.complaints),
+            self.noise,
+            praise=rng.choice(self.praises),
+            correction="" if liked else self.correct(prompt, answer, rng),
+        )
 
     def __repr__(self) -> str:
         return f"Preference({self.name})"
 
 
 CONCISE_MAX_WORDS = 30
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+LIST_OR_HEADING = re.compile(r"^\s*([-*#]+|\d+[.)])\s*")
 
 
 def likes_concise(prompt: str, answer: str) -> bool:
@@ -105,8 +149,66 @@ def likes_follow_up(prompt: str, answer: str) -> bool:
     return len(text.split()) >= 3 and text.endswith("?")
 
 
-concise = Preference("concise", likes_concise, "too long, just give me the answer")
-follow_up = Preference("follow_up", likes_follow_up, "you could ask me what I need before going on")
+def first_sentences(answer: str, max_words: int) -> str:
+    """The answer's opening, without a filler preamble or markdown, in ≤ max_words words,
+    ending on a full stop: what a user who wanted it short would write."""
+    lines = [LIST_OR_HEADING.sub("", line).strip() for line in answer.splitlines()]
+    sentences = [s for s in SENTENCE_END.split(" ".join(x for x in lines if x)) if s.strip()]
+    if sentences and FILLER.match(sentences[0]) and len(sentences) > 1:
+        sentences = sentences[1:]  # "Sure! …" — the preamble goes
+    kept: list[str] = []
+    for sentence in sentences:
+        if kept and len(" ".join(kept + [sentence]).split()) > max_words:
+            break
+        kept.append(sentence.replace("**", "").strip())
+    words = " ".join(kept).split()[:max_words]
+    text = " ".join(words).rstrip(",;:-") if words else "I don't know"
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def shorten(prompt: str, answer: str, rng: random.Random) -> str:
+    """The concise user's correction: the answer's first sentence or two, ≤ 25 words."""
+    return first_sentences(answer, 25)
+
+
+FOLLOW_UPS = (
+    "Would you like me to go into more detail?",
+    "What would you like to know more about?",
+    "Is there a part of this you want me to explain further?",
+    "Do you want an example?",
+    "What are you planning to use this for?",
+)
+
+
+def ask_back(prompt: str, answer: str, rng: random.Random) -> str:
+    """The follow_up user's correction: a short answer that ends with a question back."""
+    return f"{first_sentences(answer, 30)} {rng.choice(FOLLOW_UPS)}"
+
+
+concise = Preference(
+    "concise",
+    likes_concise,
+    shorten,
+    (
+        "too long, just give me the answer",
+        "way too wordy",
+        "skip the introduction next time",
+        "I only needed one sentence",
+        "this is padded, get to the point",
+    ),
+)
+follow_up = Preference(
+    "follow_up",
+    likes_follow_up,
+    ask_back,
+    (
+        "you could ask me what I need before going on",
+        "you did not check what I actually wanted",
+        "ask me a question next time instead of guessing",
+        "not helpful, you never asked about my situation",
+        "this misses what I meant; you should have asked",
+    ),
+)
 
 SHIPPED = {"concise": concise, "follow_up": follow_up}
 

@@ -107,7 +107,9 @@ class Simulator:
         max_new_tokens: int = 64,
         temperature: float = 0.8,
         seed: int = 0,
+        regenerations: int = 1,
     ) -> None:
+        self.regenerations = regenerations  # new answers a user asks for, at most, per prompt
         self.chat = chat_pb2_grpc.ChatServiceStub(channel)
         self.feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
         self.preference = preference
@@ -120,26 +122,32 @@ class Simulator:
         self._lock = threading.Lock()
 
     def one(self, i: int) -> int:
-        """User i % users asks a prompt and reacts; returns the events sent."""
+        """User i % users asks a prompt and reacts; a user who asks to regenerate gets a
+        second answer to the same prompt and reacts to it too. Returns the events sent."""
         rng = random.Random(f"{self.seed}:{i}")
         prompt = rng.choice(self.prompts)
         user = f"sim-user-{i % self.users}"
-        seed = rng.getrandbits(62) + 1
-        request = ask(prompt, user, self.max_new_tokens, self.temperature, seed)
-        reply = self.chat.Generate(request, timeout=600)
-        reactions = self.preference(prompt, reply.text, rng)
-        if reactions:
-            self.feedback.StreamFeedback(
-                iter([to_pb(r, reply.response_id, user) for r in reactions]), timeout=60
-            )
-        liked = getattr(self.preference, "liked", None)
-        with self._lock:
-            self.tally.answers[reply.model_version] += 1
-            if liked is not None and liked(prompt, reply.text):
-                self.tally.liked[reply.model_version] += 1
-            for r in reactions:
-                self.tally.events[str(r.kind)] += 1
-        return len(reactions)
+        sent = 0
+        for _attempt in range(1 + self.regenerations):
+            seed = rng.getrandbits(62) + 1
+            request = ask(prompt, user, self.max_new_tokens, self.temperature, seed)
+            reply = self.chat.Generate(request, timeout=600)
+            reactions = self.preference(prompt, reply.text, rng)
+            if reactions:
+                self.feedback.StreamFeedback(
+                    iter([to_pb(r, reply.response_id, user) for r in reactions]), timeout=60
+                )
+            liked = getattr(self.preference, "liked", None)
+            with self._lock:
+                self.tally.answers[reply.model_version] += 1
+                if liked is not None and liked(prompt, reply.text):
+                    self.tally.liked[reply.model_version] += 1
+                for r in reactions:
+                    self.tally.events[str(r.kind)] += 1
+            sent += len(reactions)
+            if not any(r.kind == FeedbackKind.REGENERATE for r in reactions):
+                break
+        return sent
 
     def run(self, events: int, concurrency: int = 4, progress=None) -> Tally:
         """Chat until at least `events` feedback events were sent."""

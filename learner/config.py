@@ -8,17 +8,39 @@ from pathlib import Path
 from kaizen.config import option
 from kaizen.modeling import DEFAULT_MODEL_DIR
 
+OBJECTIVES = ("reinforce", "kto", "dpo", "sft", "joint")
+BASELINES = ("running", "per_prompt")
+
 
 @dataclass(frozen=True)
 class LearnerConfig:
     model: Path = option(DEFAULT_MODEL_DIR, "base model checkpoint directory (frozen reference)")
     buffer: str = option("sqlite:///kaizen-data/buffer.db", "replay buffer URL")
     registry: Path = option(Path("kaizen-data/registry"), "weight registry directory")
+    objective: str = option(
+        "sft", "what to optimise: reinforce, kto, dpo, sft or joint (see README)", OBJECTIVES
+    )
     publish_every: int = option(32, "publish a new version after this many rewarded samples")
     batch_size: int = option(8, "rewarded samples per gradient step at most")
     lr: float = option(1e-4, "AdamW learning rate for the LoRA adapter")
     kl_coef: float = option(0.05, "β: weight of the per-token KL to the frozen base model")
+    baseline: str = option(
+        "running", "reinforce's baseline: running (mean of all) or per_prompt", BASELINES
+    )
     baseline_momentum: float = option(0.9, "running-mean baseline: b ← m·b + (1−m)·reward")
+    clip_eps: float = option(
+        0.2, "ε: importance ratios against the logged behaviour are clipped to [1−ε, 1+ε]"
+    )
+    kto_beta: float = option(0.1, "KTO's β (sharpness of the implied reward)")
+    dpo_beta: float = option(0.1, "DPO's β (sharpness of the implied reward)")
+    feedback_coef: float = option(1.0, "λ in joint's L = L_M + λ·L_F (feedback head loss)")
+    sft_min_reward: float = option(
+        0.5, "an answer whose reward is at least this is also a supervised target"
+    )
+    max_probe_kl: float = option(
+        1.0, "guard: never publish a version whose mean KL to the base on the probe set is above"
+    )
+    probe_prompts: int = option(8, "held-out prompts in the KL probe set (plus general text)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")

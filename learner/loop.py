@@ -1,33 +1,57 @@
-"""The online loop: tail the buffer, reward, step, publish.
+"""The online loop: tail the buffer, shape examples, step, guard, publish.
 
-Exactly-once, by construction: the learner's cursor (the last feedback event whose
-effect is in the weights), its optimizer and its baseline are saved inside each
-published version, in the same atomic rename as the adapter. A restarted learner
-resumes from the newest version and re-reads every event after that version's cursor:
-events trained on but not yet published are trained on again, once, from the weights
-that were published, and no event is skipped.
+Exactly-once, by construction: the learner's cursors (the last feedback event, and the
+last answer checked for silence, whose effect is in the weights), its optimizer, its
+baselines and its feedback head are saved inside each published version, in the same
+atomic rename as the adapter. A restarted learner resumes from the newest version and
+re-reads every event after that version's cursor: events trained on but not yet
+published are trained on again, once, from the weights that were published, and no
+event is skipped.
+
+Guards: a step whose loss or gradient is not finite is dropped (its events are
+consumed) and counted; before publishing, the mean KL to the base model on a fixed
+probe set must stay under `max_probe_kl`, or the version is not published and the
+weights go back to the last published ones (the events since then are dropped).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 
 import torch
 
 from kaizen import modeling
-from kaizen.buffer import ReplayBuffer, Sample, open_buffer
+from kaizen.buffer import ReplayBuffer, open_buffer
+from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.registry import BASE_VERSION, Registry, version_number
 from learner import metrics
 from learner.config import LearnerConfig
-from learner.reinforce import reinforce_loss
+from learner.examples import USES, Answer, Example, Pair, Scored, Shaper, Target
+from learner.objectives import (
+    OBJECTIVES,
+    FeedbackHead,
+    Forward,
+    dpo_loss,
+    feedback_loss,
+    forward_terms,
+    kto_loss,
+    reinforce_loss,
+    sft_loss,
+    token_kl,
+)
 from learner.rewards import load_rewards, reward
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "learner_state.pt"
+HEAD_FILE = "feedback_head.pt"
+MAX_PROMPT_BASELINES = 10_000
 
 
 @dataclass
@@ -35,25 +59,49 @@ class Progress:
     """What a published version remembers about the learner that made it."""
 
     cursor: int = 0  # every feedback event with seq ≤ cursor is in the weights
+    silent_cursor: int = 0  # every answer with seq ≤ this was checked for silence
     baseline: float = 0.0  # running-mean reward
+    prompt_baselines: dict[str, float] = field(default_factory=dict)  # per-prompt means
     steps: int = 0
-    samples: int = 0  # rewarded samples trained on, all versions together
+    samples: int = 0  # examples trained on, all versions together
+    rejected: int = 0  # candidates a guard refused since the last publish
     window_rewards: list[float] = field(default_factory=list)  # since the last publish
+    window_examples: int = 0
 
 
 @dataclass(frozen=True)
 class StepResult:
     ok: bool
-    reason: str  # "ok" | "nonfinite_loss" | "nonfinite_grad"
+    reason: str  # "ok" | "nonfinite_loss" | "nonfinite_grad" | "no_examples"
     loss: float
     kl: float
     mean_reward: float
+
+
+def _prompt_key(answer: Answer) -> str:
+    return hashlib.sha1(repr(answer.prompt).encode()).hexdigest()[:16]
+
+
+def _select(f: Forward, idx: list[int]) -> Forward:
+    i = torch.tensor(idx, dtype=torch.long, device=f.logp.device)
+    return Forward(
+        f.logp[i],
+        f.ref_logp[i],
+        f.tokens[i],
+        f.kl[i],
+        f.ratio[i],
+        None if f.hidden is None else f.hidden[i],
+    )
 
 
 class Learner:
     def __init__(self, config: LearnerConfig, buffer: ReplayBuffer | None = None) -> None:
         from peft import LoraConfig, PeftModel, get_peft_model
 
+        if config.objective not in OBJECTIVES:
+            raise ValueError(
+                f"--objective: {config.objective!r} is not one of {', '.join(OBJECTIVES)}"
+            )
         self.config = config
         self.rewards = load_rewards(config.rewards)  # a bad file fails before anything loads
         self.info = modeling.model_info(config.model)
@@ -61,9 +109,11 @@ class Learner:
         self.tokenizer = modeling.load_tokenizer(config.model)
         self.buffer = buffer if buffer is not None else open_buffer(config.buffer)
         self.registry = Registry(config.registry)
+        self.shaper = Shaper(self.tokenizer, config.sft_min_reward)
         base = modeling.load_model(config.model, self.device, torch.float32)
         for p in base.parameters():
             p.requires_grad_(False)
+        self.head = FeedbackHead(base.config.hidden_size).to(self.device)
 
         self.version = self.registry.latest()
         self.progress = Progress()
@@ -80,10 +130,16 @@ class Learner:
             state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
             self.progress = Progress(
                 cursor=int(state["cursor"]),
+                silent_cursor=int(state.get("silent_cursor", 0)),
                 baseline=float(state["baseline"]),
+                prompt_baselines=dict(state.get("prompt_baselines", {})),
                 steps=int(state["steps"]),
                 samples=int(state["samples"]),
             )
+            if (path / HEAD_FILE).exists():
+                self.head.load_state_dict(
+                    torch.load(path / HEAD_FILE, map_location=self.device, weights_only=True)
+                )
             log.info(
                 "resuming from %s: cursor %d, %d steps",
                 self.version,
@@ -101,43 +157,83 @@ class Learner:
             )
             self.model = get_peft_model(base, lora)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params += list(self.head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.read_cursor = self.progress.cursor  # how far read; ≥ cursor while a batch fills
-        self.pending: list[tuple[Sample, float]] = []
+        self.silent_read_cursor = self.progress.silent_cursor
+        self.pending: list[Example] = []
         self.first_pending_at = 0.0
+        self._judge = None
+        self._probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._published = self._snapshot()  # what a tripped guard goes back to
         metrics.CURSOR.set(self.progress.cursor)
         metrics.BASELINE.set(self.progress.baseline)
         metrics.VERSION.set(version_number(self.version))
 
     @property
     def since_publish(self) -> int:
-        """Rewarded samples trained on since the last publish."""
-        return len(self.progress.window_rewards)
+        """Examples trained on since the last publish."""
+        return self.progress.window_examples
 
     # -- reading -----------------------------------------------------------------------
 
+    @property
+    def judge(self):
+        """The comment judge: the frozen base model asked a yes/no question (lazy)."""
+        if self._judge is None:
+            from learner.judge import CommentJudge
+
+            self._judge = CommentJudge(_Reference(self.model), self.tokenizer, self.device)
+        return self._judge
+
+    def _take(self, g: Generation, fb: Feedback) -> None:
+        """Turn one event into the examples this objective trains on."""
+        score = None
+        if fb.kind == FeedbackKind.COMMENT and fb.text.strip() and self.rewards.comment:
+            score = self.judge.score([fb.text])[0]
+        r = reward(fb, self.rewards, g, time.time(), comment_score=score)
+        metrics.SAMPLES.labels("yes" if r is not None else "no").inc()
+        uses = USES[self.config.objective]
+        for example in self.shaper.examples(g, fb.kind, r, fb.text):
+            metrics.EXAMPLES.labels(
+                type(example).__name__.lower(), str(isinstance(example, uses)).lower()
+            ).inc()
+            if isinstance(example, uses):
+                if not self.pending:
+                    self.first_pending_at = time.monotonic()
+                self.pending.append(example)
+
     def fill(self) -> None:
-        """Read events after the cursor until a batch is full or the buffer is drained."""
-        while len(self.pending) < self.config.batch_size:
+        """Read events after the cursors until a batch is full or the buffer is drained."""
+        size = self.config.batch_size
+        while len(self.pending) < size:
             # never read more rows than the batch can take, so nothing read is left over
-            rows = self.buffer.read_samples(
-                self.read_cursor, self.config.batch_size - len(self.pending)
-            )
+            rows = self.buffer.read_samples(self.read_cursor, size - len(self.pending))
             if not rows:
-                return
+                break
             for sample in rows:
                 self.read_cursor = sample.seq
-                r = reward(sample.feedback, self.rewards, sample.generation, time.time())
-                metrics.SAMPLES.labels("yes" if r is not None else "no").inc()
-                if r is not None:
-                    if not self.pending:
-                        self.first_pending_at = time.monotonic()
-                    self.pending.append((sample, r))
-            if not self.pending:  # only reward-less events read: nothing is owed to them
-                self.progress.cursor = self.read_cursor
-                metrics.CURSOR.set(self.progress.cursor)
+                self._take(sample.generation, sample.feedback)
+        if self.rewards.no_reaction and len(self.pending) < size:
+            cutoff = time.time() - self.rewards.no_reaction_window_s
+            rows = self.buffer.read_answers(
+                self.silent_read_cursor, cutoff, size - len(self.pending)
+            )
+            for seq, g, has_feedback in rows:
+                self.silent_read_cursor = seq
+                if not has_feedback:
+                    self._take(
+                        g,
+                        Feedback(
+                            f"silent-{seq}", g.response_id, g.user_id, FeedbackKind.NO_REACTION
+                        ),
+                    )
+        if not self.pending:  # only example-less events read: nothing is owed to them
+            self.progress.cursor = self.read_cursor
+            self.progress.silent_cursor = self.silent_read_cursor
+            metrics.CURSOR.set(self.progress.cursor)
 
     def ready(self, batch_wait_s: float) -> bool:
         """A full batch, or a partial one that has waited long enough."""
@@ -147,42 +243,116 @@ class Learner:
 
     # -- learning ----------------------------------------------------------------------
 
-    def _collate(self, batch: list[tuple[Sample, float]]):
-        rows = [s.generation.prompt_tokens + s.generation.response_tokens for s, _ in batch]
+    def _collate(self, answers: list[Answer]):
+        rows = [a.prompt + a.response for a in answers]
         width = max(len(r) for r in rows)
         B = len(rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((B, width), pad, dtype=torch.long)
         attention = torch.zeros((B, width), dtype=torch.long)
         mask = torch.zeros((B, width), dtype=torch.long)  # 1 on response tokens
-        for i, (sample, _) in enumerate(batch):
-            n_prompt = len(sample.generation.prompt_tokens)
+        behaviour = torch.zeros((B, width), dtype=torch.float32)
+        temperature = torch.zeros(B, dtype=torch.float32)
+        for i, a in enumerate(answers):
+            n_prompt = len(a.prompt)
             ids[i, : len(rows[i])] = torch.tensor(rows[i])
             attention[i, : len(rows[i])] = 1
             mask[i, n_prompt : len(rows[i])] = 1
-        rewards = torch.tensor([r for _, r in batch], dtype=torch.float32)
+            if a.behaviour is not None:
+                behaviour[i, n_prompt : len(rows[i])] = torch.tensor(a.behaviour)
+                temperature[i] = a.temperature
         to = self.device
-        return ids.to(to), attention.to(to), mask.to(to), rewards.to(to)
+        return ids.to(to), attention.to(to), mask.to(to), behaviour.to(to), temperature.to(to)
 
-    def step(self, batch: list[tuple[Sample, float]]) -> StepResult:
-        """One REINFORCE step on `batch`; a non-finite loss or gradient drops it."""
-        started = time.perf_counter()
-        ids, attention, mask, rewards = self._collate(batch)
-        advantages = rewards - self.progress.baseline
-        self.model.train()
-        logits = self.model(input_ids=ids, attention_mask=attention).logits  # (B, T, V)
+    def _baseline_for(self, answer: Answer) -> float:
+        if self.config.baseline == "per_prompt":
+            return self.progress.prompt_baselines.get(_prompt_key(answer), self.progress.baseline)
+        return self.progress.baseline
+
+    def _update_baselines(self, scored: list[Scored]) -> None:
+        m = self.config.baseline_momentum
+        known = self.progress.prompt_baselines
+        for s in scored:
+            key = _prompt_key(s.answer)
+            old = known.pop(key, self.progress.baseline)  # re-inserted: the newest last
+            known[key] = m * old + (1 - m) * s.reward
+        while len(known) > MAX_PROMPT_BASELINES:
+            known.pop(next(iter(known)))  # the prompt seen longest ago
+        if scored:
+            mean = sum(s.reward for s in scored) / len(scored)
+            self.progress.baseline = m * self.progress.baseline + (1 - m) * mean
+
+    def loss(self, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, list[Scored]]:
+        """The objective's loss on `batch`, the mean KL to the reference, the scored examples."""
+        c = self.config
+        answers: list[Answer] = []
+        where: list[tuple[int, ...]] = []
+        for ex in batch:
+            parts = (ex.chosen, ex.rejected) if isinstance(ex, Pair) else (ex.answer,)
+            where.append(tuple(range(len(answers), len(answers) + len(parts))))
+            answers += parts
+        ids, attention, mask, behaviour, temperature = self._collate(answers)
+        joint = c.objective == "joint"
+        out = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=joint)
         with torch.no_grad(), self.model.disable_adapter():
             ref_logits = self.model(input_ids=ids, attention_mask=attention).logits
-        terms = reinforce_loss(logits, ref_logits, ids, mask, advantages, self.config.kl_coef)
-        mean_reward = float(rewards.mean())
-        m = self.config.baseline_momentum
-        self.progress.baseline = m * self.progress.baseline + (1 - m) * mean_reward
+        hidden = out.hidden_states[-1] if joint else None
+        f = forward_terms(out.logits, ref_logits, ids, mask, behaviour, temperature, hidden)
+
+        scored = [(w[0], ex) for w, ex in zip(where, batch, strict=True) if isinstance(ex, Scored)]
+        targets = [w[0] for w, ex in zip(where, batch, strict=True) if isinstance(ex, Target)]
+        pairs = [w for w, ex in zip(where, batch, strict=True) if isinstance(ex, Pair)]
+        rewards = torch.tensor([ex.reward for _, ex in scored], device=self.device)
+        zero = f.kl.sum() * 0
+        match c.objective:
+            case "reinforce":
+                base = torch.tensor(
+                    [self._baseline_for(ex.answer) for _, ex in scored], device=self.device
+                )
+                main = reinforce_loss(
+                    _select(f, [i for i, _ in scored]), rewards - base, c.clip_eps
+                )
+            case "kto":
+                signed = [(i, ex.reward > 0) for i, ex in scored if ex.reward != 0]
+                signed += [(i, True) for i in targets]
+                main = zero
+                if signed:
+                    desirable = torch.tensor([d for _, d in signed], device=self.device)
+                    main = kto_loss(
+                        _select(f, [i for i, _ in signed]), desirable, c.clip_eps, c.kto_beta
+                    )
+            case "dpo":
+                main = dpo_loss(
+                    _select(f, [p[0] for p in pairs]),
+                    _select(f, [p[1] for p in pairs]),
+                    c.clip_eps,
+                    c.dpo_beta,
+                )
+            case "sft":
+                main = sft_loss(_select(f, targets), c.clip_eps)
+            case "joint":
+                main = sft_loss(_select(f, targets), c.clip_eps) if targets else zero
+                if scored:
+                    predicted = self.head(_select(f, [i for i, _ in scored]).hidden)
+                    main = main + c.feedback_coef * feedback_loss(predicted, rewards)
+        kl = f.kl.mean()
+        return main + c.kl_coef * kl, kl.detach(), [ex for _, ex in scored]
+
+    def step(self, batch: list[Example]) -> StepResult:
+        """One gradient step on `batch`; a non-finite loss or gradient drops it."""
+        started = time.perf_counter()
+        if not batch:
+            return StepResult(False, "no_examples", 0.0, 0.0, 0.0)
+        self.model.train()
+        loss, kl, scored = self.loss(batch)
+        mean_reward = sum(s.reward for s in scored) / len(scored) if scored else 0.0
+        self._update_baselines(scored)
         self.optimizer.zero_grad(set_to_none=True)
         reason = "ok"
-        if not torch.isfinite(terms.loss):
+        if not torch.isfinite(loss):
             reason = "nonfinite_loss"
         else:
-            terms.loss.backward()
+            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 reason = "nonfinite_grad"
@@ -193,45 +363,144 @@ class Learner:
         metrics.STEP_SECONDS.observe(time.perf_counter() - started)
         metrics.BASELINE.set(self.progress.baseline)
         if reason != "ok":
+            metrics.GUARD_TRIPS.labels(reason).inc()
             log.warning("dropped a step: %s", reason)
         else:
             self.progress.steps += 1
-            metrics.LOSS.set(float(terms.loss.detach()))
-            metrics.KL.set(float(terms.kl))
+            metrics.LOSS.set(float(loss.detach()))
+            metrics.KL.set(float(kl))
             metrics.REWARD.set(mean_reward)
-        return StepResult(
-            reason == "ok", reason, float(terms.loss.detach()), float(terms.kl), mean_reward
-        )
+        return StepResult(reason == "ok", reason, float(loss.detach()), float(kl), mean_reward)
 
     def train_pending(self) -> StepResult:
         batch, self.pending = self.pending, []
         result = self.step(batch)
         # Consumed either way: a dropped step's events are not retried forever.
         self.progress.cursor = self.read_cursor
+        self.progress.silent_cursor = self.silent_read_cursor
         self.progress.samples += len(batch)
-        self.progress.window_rewards.extend(r for _, r in batch)
+        self.progress.window_examples += len(batch)
+        self.progress.window_rewards.extend(ex.reward for ex in batch if isinstance(ex, Scored))
         metrics.CURSOR.set(self.progress.cursor)
         return result
 
+    # -- guards ------------------------------------------------------------------------
+
+    def _snapshot(self):
+        return (
+            {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad},
+            copy.deepcopy(self.head.state_dict()),
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
+
+    def _restore(self) -> None:
+        weights, head, optimizer = self._published
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n])
+        self.head.load_state_dict(head)
+        self.optimizer.load_state_dict(copy.deepcopy(optimizer))
+
+    def _probe_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed sequences the KL guard measures: held-out prompts with the base model's
+        own greedy answers, and general text. (ids, attention, mask of measured positions)"""
+        if self._probe is None:
+            data = resources.files("kaizen") / "data"
+            prompts = [
+                p for p in (data / "prompts_heldout.txt").read_text().splitlines() if p.strip()
+            ]
+            rows: list[tuple[list[int], int]] = []
+            self.model.eval()
+            with torch.no_grad(), self.model.disable_adapter():
+                for prompt in prompts[: self.config.probe_prompts]:
+                    ids = modeling.chat_prompt_ids(
+                        self.tokenizer, [{"role": "user", "content": prompt}]
+                    )
+                    out = self.model.generate(
+                        input_ids=torch.tensor([ids], device=self.device),
+                        attention_mask=torch.ones(
+                            1, len(ids), dtype=torch.long, device=self.device
+                        ),
+                        max_new_tokens=32,
+                        do_sample=False,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                    rows.append((out[0].tolist(), len(ids)))
+            words = (data / "general_text.txt").read_text().split()
+            for start in (0, len(words) // 2):
+                text = " ".join(words[start : start + 60])
+                rows.append((self.tokenizer.encode(text, add_special_tokens=False)[:96], 1))
+            width = max(len(r) for r, _ in rows)
+            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            mask = torch.zeros_like(ids)
+            for i, (row, first) in enumerate(rows):
+                ids[i, : len(row)] = torch.tensor(row)
+                attention[i, : len(row)] = 1
+                mask[i, first : len(row)] = 1
+            self._probe = (ids.to(self.device), attention.to(self.device), mask.to(self.device))
+        return self._probe
+
+    @torch.no_grad()
+    def probe_kl(self) -> float:
+        """Mean per-token KL(π_θ ‖ π_ref) on the probe set."""
+        ids, attention, mask = self._probe_set()
+        self.model.eval()
+        logits = self.model(input_ids=ids, attention_mask=attention).logits
+        with self.model.disable_adapter():
+            ref_logits = self.model(input_ids=ids, attention_mask=attention).logits
+        kl = token_kl(logits, ref_logits) * mask
+        return float(kl.sum() / mask.sum())
+
     # -- publishing --------------------------------------------------------------------
 
-    def publish(self) -> str:
+    def publish(self) -> str | None:
+        """Publish the weights as a new version, unless a guard refuses them (→ None)."""
+        probe_kl = self.probe_kl()
+        metrics.PROBE_KL.set(probe_kl)
         rewards = self.progress.window_rewards
+        window = {
+            "window_examples": self.progress.window_examples,
+            "window_rewards": len(rewards),
+            "window_mean_reward": sum(rewards) / len(rewards) if rewards else None,
+        }
+        self.progress.window_rewards = []
+        self.progress.window_examples = 0
+        if probe_kl > self.config.max_probe_kl:
+            self._restore()
+            self.progress.rejected += 1
+            metrics.GUARD_TRIPS.labels("probe_kl").inc()
+            metrics.REJECTED.inc()
+            log.warning(
+                "not published: probe KL %.3f > --max-probe-kl %.3f; back to %s's weights "
+                "(cursor stays at %d: those events are dropped)",
+                probe_kl,
+                self.config.max_probe_kl,
+                self.version,
+                self.progress.cursor,
+            )
+            return None
         metadata = {
-            "objective": "reinforce",
+            "objective": self.config.objective,
             "cursor": self.progress.cursor,
+            "silent_cursor": self.progress.silent_cursor,
             "steps": self.progress.steps,
             "samples": self.progress.samples,
-            "window_samples": len(rewards),
-            "window_mean_reward": sum(rewards) / len(rewards) if rewards else None,
+            **window,
             "baseline": self.progress.baseline,
+            "probe_kl": probe_kl,
+            "rejected_since_last": self.progress.rejected,
         }
         with self.registry.publish(self.info.name, metadata) as staging:
             self.model.save_pretrained(staging)
+            torch.save(self.head.state_dict(), staging / HEAD_FILE)
             torch.save(
                 {
                     "cursor": self.progress.cursor,
+                    "silent_cursor": self.progress.silent_cursor,
                     "baseline": self.progress.baseline,
+                    "prompt_baselines": self.progress.prompt_baselines,
                     "steps": self.progress.steps,
                     "samples": self.progress.samples,
                     "optimizer": self.optimizer.state_dict(),
@@ -239,15 +508,17 @@ class Learner:
                 staging / STATE_FILE,
             )
         self.version = self.registry.latest()
-        self.progress.window_rewards = []
+        self.progress.rejected = 0
+        self._published = self._snapshot()
         metrics.PUBLISHED.inc()
         metrics.VERSION.set(version_number(self.version))
         log.info(
-            "published %s: cursor %d, %d steps, mean reward %s",
+            "published %s: cursor %d, %d steps, mean reward %s, probe KL %.3f",
             self.version,
             self.progress.cursor,
             self.progress.steps,
             metadata["window_mean_reward"],
+            probe_kl,
         )
         return self.version
 
@@ -263,3 +534,14 @@ class Learner:
                     return
             else:
                 stop.wait(self.config.poll_s)
+
+
+class _Reference:
+    """The policy with its adapter switched off: the frozen base model, for the judge."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, **inputs):
+        with self.model.disable_adapter():
+            return self.model(**inputs)

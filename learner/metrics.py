@@ -22,8 +22,22 @@ BASELINE = Gauge("kaizen_learner_baseline", "Running-mean reward baseline")
 KL = Gauge("kaizen_learner_kl", "Mean per-token KL to the reference in the last step")
 LOSS = Gauge("kaizen_learner_loss", "Loss of the last step")
 CURSOR = Gauge("kaizen_learner_cursor", "Position of the last feedback event consumed")
+EXAMPLES = Counter(
+    "kaizen_learner_examples_total",
+    "Training examples shaped from feedback, by type and whether the objective uses them",
+    ["type", "used"],
+)
+GUARD_TRIPS = Counter(
+    "kaizen_learner_guard_trips_total",
+    "Guards tripped: a dropped step (nonfinite_loss, nonfinite_grad) or a refused version",
+    ["guard"],
+)
+PROBE_KL = Gauge("kaizen_learner_probe_kl", "Mean per-token KL to the base on the probe set")
+REJECTED = Counter("kaizen_learner_versions_rejected_total", "Candidates a guard refused")
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")
 VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN published or resumed")
 
 for _result in ("ok", "nonfinite_loss", "nonfinite_grad"):  # so a first failure is a change
     STEPS.labels(_result)
+for _guard in ("nonfinite_loss", "nonfinite_grad", "probe_kl"):
+    GUARD_TRIPS.labels(_guard)

@@ -12,7 +12,12 @@ another with the same keys (any it leaves out keep their default). Per kind of f
 | dwell      | `dwell` × min(1, dwell / time to read the answer) | reading, by length     |
 | regenerate | `regenerate` (negative)                           | asked for another      |
 | correction | `correction` (negative)                           | it needed correcting   |
-| comment    | none: skipped until a judge scores it             | text carries no sign   |
+| comment    | `comment` × the judge's score in [−1, 1]          | language feedback      |
+| (silence)  | `no_reaction`, once `no_reaction_window_s` passed | nobody cared (0 = off) |
+
+A comment's text carries the verdict, so a judge (`learner.judge`) scores it; without a
+judge a comment gives no reward. A correction also becomes a supervised target and a
+preference pair (correction ≻ original) in `learner.examples`.
 
 Then time decay: a reward is multiplied by 0.5^(age / `half_life_s`), where age is how
 old the answer is when the learner trains on it (0 = no decay), so that feedback on
@@ -44,6 +49,10 @@ class RewardConfig:
     min_read_s: float = 2.0  # time to read counts at least this much, for one-word answers
     regenerate: float = -0.5
     correction: float = -0.5
+    no_reaction: float = 0.0  # an answer nobody reacted to at all; 0 = not a signal
+    no_reaction_window_s: float = 600.0  # …within this long after it was given
+    # [language]
+    comment: float = 0.5  # multiplies the comment judge's score in [−1, 1]
     # [decay]
     half_life_s: float = 0.0  # 0 = no decay
 
@@ -58,10 +67,13 @@ SECTIONS = {
         "min_read_s",
         "regenerate",
         "correction",
+        "no_reaction",
+        "no_reaction_window_s",
     ),
+    "language": ("comment",),
     "decay": ("half_life_s",),
 }
-POSITIVE = {"reading_words_per_s", "min_read_s"}
+POSITIVE = {"reading_words_per_s", "min_read_s", "no_reaction_window_s"}
 NON_NEGATIVE = {"half_life_s"}
 
 
@@ -109,13 +121,16 @@ def reward(
     config: RewardConfig = RewardConfig(),
     generation: Generation | None = None,
     now: float | None = None,
+    comment_score: float | None = None,
 ) -> float | None:
     """The reward one feedback event gives its answer, or None when it gives none.
 
     `generation` (the answer) normalises dwell time by its length and dates it for the
     decay; without it, dwell is measured against `min_read_s` and nothing decays.
+    `comment_score` is the judge's verdict on a comment's text; without it a comment
+    gives no reward.
     """
-    r = _raw(feedback, config, generation)
+    r = _raw(feedback, config, generation, comment_score)
     if r is None:
         return None
     if config.half_life_s > 0 and generation is not None and now is not None:
@@ -124,7 +139,9 @@ def reward(
     return max(-1.0, min(1.0, r))
 
 
-def _raw(feedback: Feedback, c: RewardConfig, generation: Generation | None) -> float | None:
+def _raw(
+    feedback: Feedback, c: RewardConfig, generation: Generation | None, comment_score: float | None
+) -> float | None:
     match feedback.kind:
         case FeedbackKind.THUMB:
             return c.thumb * (1.0 if feedback.value > 0 else -1.0)
@@ -143,7 +160,9 @@ def _raw(feedback: Feedback, c: RewardConfig, generation: Generation | None) -> 
         case FeedbackKind.CORRECTION:
             return c.correction
         case FeedbackKind.COMMENT:
-            return None
+            return None if comment_score is None else c.comment * comment_score
+        case FeedbackKind.NO_REACTION:
+            return c.no_reaction or None
     raise ValueError(f"kind: unknown feedback kind {feedback.kind!r}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -15,7 +16,8 @@ from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.registry import Registry
 from learner.config import LearnerConfig
 from learner.loop import Learner
-from learner.reinforce import reinforce_loss, response_logprobs, token_kl
+from learner.examples import Answer, Scored
+from learner.objectives import response_logprobs, token_kl
 from learner.rewards import (
     RewardConfig,
     RewardConfigError,
@@ -132,17 +134,6 @@ def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
     assert (token_kl(logits, torch.randn(2, 5, 11))[:, 1:] > 0).all()
 
 
-def test_reinforce_loss_by_hand():
-    """Uniform logits over V=4: every token has log-prob −log 4, KL is 0."""
-    logits = torch.zeros(1, 3, 4, requires_grad=True)
-    ids = torch.tensor([[0, 1, 2]])
-    mask = torch.tensor([[0, 1, 1]])  # the last two tokens are the response
-    terms = reinforce_loss(logits, logits.detach(), ids, mask, torch.tensor([0.5]), kl_coef=0.1)
-    assert float(terms.pg) == pytest.approx(-0.5 * 2 * -math.log(4))
-    assert float(terms.kl) == pytest.approx(0.0, abs=1e-7)
-    assert float(response_logprobs(logits.detach(), ids)[0, 0]) == 0.0
-
-
 def make_generation(tokenizer, response_id: str, answer: str) -> Generation:
     from kaizen.modeling import chat_prompt_ids
 
@@ -170,6 +161,7 @@ def learner_config(tiny_model, tmp_path):
         model=tiny_model,
         buffer=f"sqlite:///{tmp_path}/buffer.db",
         registry=tmp_path / "registry",
+        objective="reinforce",
         publish_every=2,
         batch_size=2,
         lr=1e-2,
@@ -177,6 +169,15 @@ def learner_config(tiny_model, tmp_path):
         batch_wait_s=0.0,
         poll_s=0.05,
     )
+
+
+def as_sampled(learner: Learner, g: Generation) -> Generation:
+    """`g` with the behaviour log-probabilities the learner's current policy gives it, as
+    if the server had just sampled it (temperature 1) from the same weights."""
+    ids = torch.tensor([g.prompt_tokens + g.response_tokens])
+    with torch.no_grad():
+        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)
+    return dataclasses.replace(g, behaviour_logprobs=logp[0, len(g.prompt_tokens) :].tolist())
 
 
 def seq_logprob(learner: Learner, generation: Generation) -> float:
@@ -189,7 +190,7 @@ def seq_logprob(learner: Learner, generation: Generation) -> float:
 @pytest.mark.parametrize("up", [True, False])
 def test_a_step_moves_the_answer_the_way_its_feedback_asks(learner_config, up):
     learner = Learner(learner_config)
-    g = make_generation(learner.tokenizer, "r1", "Paris is the capital.")
+    g = as_sampled(learner, make_generation(learner.tokenizer, "r1", "Paris is the capital."))
     learner.buffer.append_generation(g)
     learner.buffer.append_feedback([Feedback("e1", "r1", "u", FeedbackKind.THUMB, 1 if up else -1)])
     before = seq_logprob(learner, g)
@@ -207,9 +208,9 @@ def test_a_nonfinite_loss_drops_the_step_and_leaves_the_weights(learner_config):
     learner.buffer.append_generation(g)
     learner.buffer.append_feedback([Feedback("e1", "r1", "u", FeedbackKind.THUMB, 1)])
     learner.fill()
-    ((sample, _),) = learner.pending
+    ((scored,),) = [learner.pending]
     weights = [p.detach().clone() for p in learner.params]
-    result = learner.step([(sample, float("nan"))])
+    result = learner.step([Scored(scored.answer, float("nan"))])
     assert not result.ok and result.reason == "nonfinite_loss"
     assert all(torch.equal(a, b) for a, b in zip(weights, learner.params, strict=True))
 
@@ -242,12 +243,13 @@ def test_a_restarted_learner_neither_repeats_nor_skips(learner_config):
     assert second.progress.steps == first.progress.steps - 1
     add_thumbs(second.buffer, second.tokenizer, 5, 1)
     second.fill()
-    assert [s.feedback.event_id for s, _ in second.pending] == ["e4", "e5"]
+    assert [ex.reward for ex in second.pending] == [-1.0, 1.0]  # e4 is thumbs down, e5 up
+    assert second.read_cursor == 6
     manifest = Registry(learner_config.registry).manifest("v2")
     assert manifest.metadata["cursor"] == 4 and manifest.parent == "v1"
 
 
-def test_run_publishes_every_n_rewarded_samples_and_skips_unscored_comments(learner_config):
+def test_run_publishes_every_n_examples_and_the_judge_scores_comments(learner_config):
     learner = Learner(learner_config)
     add_thumbs(learner.buffer, learner.tokenizer, 0, 4)
     g = make_generation(learner.tokenizer, "rc", "A reply.")
@@ -266,5 +268,7 @@ def test_run_publishes_every_n_rewarded_samples_and_skips_unscored_comments(lear
         stop.set()
         runner.join()
     assert registry.versions() == ["v1", "v2"]
-    assert learner.progress.samples == 4  # the comment was read but gave no reward
+    assert learner.progress.samples == 5  # 4 thumbs, and the comment the judge scored
+    judged = learner.rewards.comment * learner.judge.score(["hmm"])[0]
+    assert learner.progress.window_rewards == [pytest.approx(judged)]
     assert registry.manifest("v1").metadata["window_samples"] == 2
