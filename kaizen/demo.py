@@ -200,6 +200,6 @@ def _summary(registry: Registry) -> None:
         mean = meta.get("window_mean_reward")
         mean_text = f"{mean:+.2f}" if isinstance(mean, float) else "  n/a"
         print(
-            f"  {version:>7}  {m.parent:>6}  {meta.get('window_samples', 0):7d}  "
+            f"  {version:>7}  {m.parent:>6}  {meta.get('window_examples', 0):7d}  "
             f"{mean_text:>11}  {meta.get('steps', 0):5d}  {meta.get('cursor', 0):6d}"
         )

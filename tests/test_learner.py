@@ -271,4 +271,4 @@ def test_run_publishes_every_n_examples_and_the_judge_scores_comments(learner_co
     assert learner.progress.samples == 5  # 4 thumbs, and the comment the judge scored
     judged = learner.rewards.comment * learner.judge.score(["hmm"])[0]
     assert learner.progress.window_rewards == [pytest.approx(judged)]
-    assert registry.manifest("v1").metadata["window_samples"] == 2
+    assert registry.manifest("v1").metadata["window_examples"] == 2
