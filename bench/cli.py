@@ -9,7 +9,7 @@ from kaizen.config import add_options, from_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from bench.config import ServeBench, SwapBench
+    from bench.config import JudgeBench, LearnBench, ServeBench, SwapBench
 
     parser = commands.add_parser("bench", help="measure serving and learning on this machine")
     benchmarks = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -37,6 +37,29 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
         SwapBench,
         _swap,
+    )
+    _add(
+        benchmarks.add_parser(
+            "learn",
+            help="does the model learn what simulated users reward (liked rate before/after)",
+            description="Start kaizen serve and kaizen learn, measure the liked rate of "
+            "--preference on held-out prompts, let simulated users send --events feedback "
+            "events, then measure again on the learner's last version; report versions "
+            "published, KL to the base, perplexity change on held-out general text, and write "
+            "a PNG learning curve to --out.",
+        ),
+        LearnBench,
+        _learn,
+    )
+    _add(
+        benchmarks.add_parser(
+            "judge",
+            help="accuracy of the comment judge on the shipped labelled comments",
+            description="Score learner/data/comments.tsv (comments written for the project, "
+            "labelled satisfied or not) with the comment judge and report its accuracy.",
+        ),
+        JudgeBench,
+        _judge,
     )
 
 
@@ -70,3 +93,15 @@ def _swap(config) -> dict[str, object]:
     from bench.swap import run
 
     return run(config)
+
+
+def _learn(config) -> dict[str, object]:
+    from bench.learn import run
+
+    return run(config)
+
+
+def _judge(config) -> dict[str, object]:
+    from bench.learn import judge
+
+    return judge(config)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kaizen.config import option
 from kaizen.modeling import DEFAULT_MODEL_DIR, DTYPE_HELP
+from learner.config import OBJECTIVES
 
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -14,7 +15,8 @@ DTYPES = ("auto", "fp32", "bf16")
 def _check_positive(config: object) -> None:
     for f in fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and value <= 0 and f.name != "seed":
             raise ValueError(f"--{f.name.replace('_', '-')}: must be positive, got {value}")
 
 
@@ -42,3 +44,34 @@ class SwapBench:
 
     def __post_init__(self) -> None:
         _check_positive(self)
+
+
+@dataclass(frozen=True)
+class LearnBench:
+    model: Path = option(DEFAULT_MODEL_DIR, "base model checkpoint directory")
+    preference: str = option("concise", "simulated users' taste: concise, follow_up, module:fn")
+    objective: str = option("sft", "the learner's --objective", OBJECTIVES)
+    events: int = option(2000, "feedback events the simulated users send in all")
+    max_wall_s: float = option(3600.0, "stop the users after this long even if events remain")
+    users: int = option(20, "distinct simulated users")
+    concurrency: int = option(8, "users chatting at once")
+    max_new_tokens: int = option(64, "answer length cap, in training and in the measurement")
+    temperature: float = option(0.8, "sampling temperature, in training and in the measurement")
+    heldout: int = option(80, "held-out prompts the liked rate is measured on (at most 80)")
+    learner_args: str = option(
+        "", "extra flags for kaizen learn, e.g. '--lr 3e-4 --publish-every 48'"
+    )
+    dtype: str = option("auto", DTYPE_HELP, DTYPES)
+    out: Path = option(Path("kaizen-data/bench-learn"), "directory for the run's data and PNG")
+    seed: int = option(0, "seed of the simulated users")
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+
+
+@dataclass(frozen=True)
+class JudgeBench:
+    model: Path = option(DEFAULT_MODEL_DIR, "base model checkpoint directory")
+    comments: Path | None = option(
+        None, "labelled comments, label<TAB>comment; default: learner/data/comments.tsv"
+    )

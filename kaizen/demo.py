@@ -146,6 +146,8 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
         [
             "learn",
             *common,
+            "--objective",
+            "reinforce",  # thumbs up and down, both ways
             "--publish-every",
             str(publish_every),
             "--batch-size",

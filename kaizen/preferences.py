@@ -96,6 +96,7 @@ PRAISES = (
     "this helped a lot, thank you",
 )
 
+
 class Preference:
     """A taste (`liked`), what the user writes when they comment or correct, and the
     noisy, sparse way they report it."""

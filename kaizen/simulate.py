@@ -149,17 +149,41 @@ class Simulator:
                 break
         return sent
 
-    def run(self, events: int, concurrency: int = 4, progress=None) -> Tally:
-        """Chat until at least `events` feedback events were sent."""
+    def run(
+        self, events: int, concurrency: int = 4, progress=None, deadline: float | None = None
+    ) -> Tally:
+        """Chat until at least `events` feedback events were sent (or, when given, until
+        time.monotonic() passes `deadline`)."""
         sent, i = 0, 0
         with ThreadPoolExecutor(concurrency) as pool:
-            while sent < events:
+            while sent < events and (deadline is None or time.monotonic() < deadline):
                 batch = [pool.submit(self.one, i + k) for k in range(concurrency)]
                 i += concurrency
                 sent += sum(f.result() for f in batch)
                 if progress is not None:
                     progress(sent, i, self.tally)
         return self.tally
+
+
+def heldout_answers(
+    channel: grpc.Channel,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    seed: int = 1,
+    concurrency: int = 8,
+) -> list[tuple[str, str, str]]:
+    """(prompt, answer, version) for each prompt, with a fixed seed per prompt: the same
+    server version gives the same answers."""
+    chat = chat_pb2_grpc.ChatServiceStub(channel)
+
+    def one(k: int) -> tuple[str, str, str]:
+        request = ask(prompts[k], "sim-evaluator", max_new_tokens, temperature, seed + k)
+        reply = chat.Generate(request, timeout=600)
+        return prompts[k], reply.text, reply.model_version
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(len(prompts))))
 
 
 def liked_rate(
@@ -171,18 +195,11 @@ def liked_rate(
     seed: int = 1,
     concurrency: int = 8,
 ) -> tuple[float, Counter]:
-    """Share of held-out answers `liked(prompt, answer)`, with a fixed seed per prompt
-    (the same server version gives the same answers); also the versions that answered."""
-    chat = chat_pb2_grpc.ChatServiceStub(channel)
-
-    def one(k: int) -> tuple[bool, str]:
-        request = ask(prompts[k], "sim-evaluator", max_new_tokens, temperature, seed + k)
-        reply = chat.Generate(request, timeout=600)
-        return liked(prompts[k], reply.text), reply.model_version
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, range(len(prompts))))
-    return sum(ok for ok, _ in results) / len(results), Counter(v for _, v in results)
+    """Share of held-out answers `liked(prompt, answer)` (see `heldout_answers`), and the
+    versions that answered."""
+    answers = heldout_answers(channel, prompts, max_new_tokens, temperature, seed, concurrency)
+    rate = sum(liked(p, a) for p, a, _ in answers) / len(answers)
+    return rate, Counter(v for _, _, v in answers)
 
 
 def run_simulate(args) -> int:

@@ -72,6 +72,8 @@ def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp
     learner = kaizen(
         "learn",
         *common,
+        "--objective",
+        "reinforce",  # the client sends thumbs both ways
         "--publish-every",
         "4",
         "--batch-size",

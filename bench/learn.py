@@ -1,0 +1,286 @@
+"""`kaizen bench learn`: does the product learn what its users reward, without forgetting?
+
+Starts `kaizen serve` and `kaizen learn` as separate processes on a fresh buffer and
+registry, measures the liked rate on held-out prompts (the preference function applied
+to answers with a fixed seed per prompt), lets simulated users chat and send feedback
+until N events, stops the learner, waits until the server serves the last version it
+published, and measures again. Then, in this process and in fp32: perplexity of the
+shipped general text under the base and the final version, and the KL of the final
+version to the base on its own held-out answers. The learning curve (liked rate of the
+users' traffic by version, 95 % Wilson band, and the two held-out measurements) goes to
+a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from bench.config import LearnBench
+from bench.load import kaizen_server, say
+from bench.swap import wait_serving_version
+from kaizen import modeling
+from kaizen.demo import start_kaizen
+from kaizen.preferences import load_preference
+from kaizen.registry import BASE_VERSION, Registry, version_number
+from kaizen.simulate import Simulator, Tally, heldout_answers, load_prompts
+from learner.objectives import token_kl
+
+
+def run(config: LearnBench) -> dict[str, object]:
+    preference = load_preference(config.preference)
+    liked = getattr(preference, "liked", None)
+    if liked is None:
+        raise ValueError(f"--preference: {config.preference} has no liked(prompt, answer)")
+    heldout = load_prompts("heldout")[: config.heldout]
+    train = load_prompts("train")
+    out = config.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    started = time.monotonic()
+    sample = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+
+    with kaizen_server(config.model, out, 16, config.max_new_tokens, config.dtype) as server:
+        say(f"measuring the base model on {len(heldout)} held-out prompts")
+        before = heldout_answers(server.channel, heldout, **sample)
+        learner = start_kaizen(
+            [
+                "learn",
+                "--model",
+                str(config.model),
+                "--buffer",
+                server.buffer_url,
+                "--registry",
+                str(server.registry_dir),
+                "--objective",
+                config.objective,
+                "--metrics-port",
+                "-1",
+                *shlex.split(config.learner_args),
+            ],
+            out / "learn.log",
+        )
+        try:
+            sim = Simulator(
+                server.channel, preference, train, config.users, seed=config.seed, **sample
+            )
+            last = [0.0]
+
+            def progress(sent: int, answers: int, tally: Tally) -> None:
+                if time.monotonic() - last[0] < 15 and sent < config.events:
+                    return
+                last[0] = time.monotonic()
+                versions = tally.by_version()
+                newest = max(versions, key=version_number)
+                say(
+                    f"{sent}/{config.events} events, {answers} answers, "
+                    f"{time.monotonic() - started:.0f} s; serving {newest}: "
+                    f"liked {versions[newest]['liked_rate']:.0%} of "
+                    f"{versions[newest]['answers']:.0f}"
+                )
+
+            sim_started = time.monotonic()
+            deadline = started + config.max_wall_s
+            tally = sim.run(config.events, config.concurrency, progress, deadline)
+            sim_s = time.monotonic() - sim_started
+        finally:
+            learner.terminate()
+            learner_exit = learner.wait(timeout=120)
+        if learner_exit != 0:
+            raise RuntimeError(f"kaizen learn exited with {learner_exit}: see {out}/learn.log")
+        registry = Registry(server.registry_dir)
+        final = registry.latest()
+        if final != BASE_VERSION:
+            wait_serving_version(server.channel, final)
+        say(f"measuring {final} on the held-out prompts")
+        after = heldout_answers(server.channel, heldout, **sample)
+
+    rate_before = sum(liked(p, a) for p, a, _ in before) / len(before)
+    rate_after = sum(liked(p, a) for p, a, _ in after) / len(after)
+    say("perplexity and KL to the base model, in fp32")
+    drift = _drift(config.model, registry, final, after)
+    versions = registry.versions()
+    manifests = [registry.manifest(v).metadata for v in versions]
+    curve = _curve(tally, rate_before, rate_after, final, config, out / "learning_curve.png")
+    return {
+        "preference": config.preference,
+        "objective": config.objective,
+        "events": sum(tally.events.values()),
+        "answers": sum(tally.answers.values()),
+        "liked_rate_before": round(rate_before, 4),
+        "liked_rate_after": round(rate_after, 4),
+        "liked_rate_change_pts": round(100 * (rate_after - rate_before), 1),
+        "heldout_prompts": len(heldout),
+        "versions_published": len(versions),
+        "final_version": final,
+        "versions_rejected": sum(int(m.get("rejected_since_last", 0)) for m in manifests),
+        "learner_steps": int(manifests[-1].get("steps", 0)) if manifests else 0,
+        "kl_to_reference": drift["kl_to_reference"],
+        "perplexity_base": drift["perplexity_base"],
+        "perplexity_final": drift["perplexity_final"],
+        "perplexity_change_pct": drift["perplexity_change_pct"],
+        "events_by_kind": dict(sorted(tally.events.items())),
+        "liked_rate_by_version": curve,
+        "simulation_s": round(sim_s, 1),
+        "wall_s": round(time.monotonic() - started, 1),
+        "learning_curve_png": str(out / "learning_curve.png"),
+        "learner_args": config.learner_args,
+    }
+
+
+def _drift(
+    model_dir: Path, registry: Registry, final: str, answers: list[tuple[str, str, str]]
+) -> dict[str, float | None]:
+    """Perplexity of the shipped general text under the base and `final`, and the mean
+    per-token KL(final ‖ base) on `final`'s own held-out answers."""
+    from peft import PeftModel
+
+    device = torch.device("cpu")
+    tokenizer = modeling.load_tokenizer(model_dir)
+    base = modeling.load_model(model_dir, device, torch.float32)
+    text = (resources.files("kaizen") / "data" / "general_text.txt").read_text()
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    windows = [tokens[i : i + 256] for i in range(0, len(tokens) - 16, 256)]
+    ppl_base = _perplexity(base, windows)
+    if final == BASE_VERSION:
+        return {
+            "kl_to_reference": 0.0,
+            "perplexity_base": round(ppl_base, 3),
+            "perplexity_final": round(ppl_base, 3),
+            "perplexity_change_pct": 0.0,
+        }
+    model = PeftModel.from_pretrained(base, registry.path(final)).eval()
+    with model.disable_adapter():
+        assert abs(_perplexity(model, windows[:1]) - _perplexity(base, windows[:1])) < 1e-3
+    ppl_final = _perplexity(model, windows)
+    kls, counts = [], []
+    with torch.no_grad():
+        for prompt, answer, _ in answers:
+            p = modeling.chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+            a = tokenizer.encode(answer, add_special_tokens=False)
+            if not a:
+                continue
+            ids = torch.tensor([p + a])
+            logits = model(input_ids=ids).logits
+            with model.disable_adapter():
+                ref = model(input_ids=ids).logits
+            kl = token_kl(logits, ref)[0, len(p) :]
+            kls.append(float(kl.sum()))
+            counts.append(len(a))
+    return {
+        "kl_to_reference": round(sum(kls) / max(1, sum(counts)), 4),
+        "perplexity_base": round(ppl_base, 3),
+        "perplexity_final": round(ppl_final, 3),
+        "perplexity_change_pct": round(100 * (ppl_final / ppl_base - 1), 2),
+    }
+
+
+@torch.no_grad()
+def _perplexity(model, windows: list[list[int]]) -> float:
+    nll, n = 0.0, 0
+    for w in windows:
+        ids = torch.tensor([w])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        n += len(w) - 1
+    return math.exp(nll / n)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a rate k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _curve(
+    tally: Tally,
+    before: float,
+    after: float,
+    final: str,
+    config: LearnBench,
+    png: Path,
+) -> dict[str, dict[str, float]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {}
+    for version in sorted(tally.answers, key=version_number):
+        n, k = tally.answers[version], tally.liked[version]
+        low, high = wilson(k, n)
+        rows[version] = {
+            "answers": n,
+            "liked_rate": round(k / n, 4),
+            "ci_low": round(low, 4),
+            "ci_high": round(high, 4),
+        }
+    xs = [version_number(v) for v in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.fill_between(
+        xs,
+        [r["ci_low"] for r in rows.values()],
+        [r["ci_high"] for r in rows.values()],
+        alpha=0.25,
+        label="95 % Wilson interval",
+    )
+    ax.plot(xs, [r["liked_rate"] for r in rows.values()], marker="o", label="users' traffic")
+    ax.scatter(
+        [0, version_number(final)],
+        [before, after],
+        marker="*",
+        s=150,
+        color="black",
+        zorder=3,
+        label=f"held-out prompts ({config.heldout})",
+    )
+    ax.set_xlabel("model version")
+    ax.set_ylabel(f"liked rate ({config.preference})")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"kaizen bench learn: {config.preference}, {config.objective}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return rows
+
+
+def judge(config) -> dict[str, object]:
+    """The comment judge's accuracy on a labelled set of comments."""
+    from learner.judge import CommentJudge, labelled_comments
+
+    labelled = labelled_comments(config.comments)
+    device = torch.device("cpu")
+    tokenizer = modeling.load_tokenizer(config.model)
+    model = modeling.load_model(config.model, device, torch.float32)
+    started = time.monotonic()
+    judge = CommentJudge(model, tokenizer, device)
+    result = judge.accuracy(labelled)
+    positives = [s for s, (_, ok) in zip(result.scores, labelled, strict=True) if ok]
+    negatives = [s for s, (_, ok) in zip(result.scores, labelled, strict=True) if not ok]
+    wrong = [c for s, (c, ok) in zip(result.scores, labelled, strict=True) if (s > 0) != ok]
+    return {
+        "model": modeling.model_info(config.model).name,
+        "comments": result.n,
+        "accuracy": round(result.accuracy, 4),
+        "accuracy_on_satisfied": round(sum(s > 0 for s in positives) / max(1, len(positives)), 4),
+        "accuracy_on_unsatisfied": round(
+            sum(s <= 0 for s in negatives) / max(1, len(negatives)), 4
+        ),
+        "mean_score_satisfied": round(sum(positives) / max(1, len(positives)), 3),
+        "mean_score_unsatisfied": round(sum(negatives) / max(1, len(negatives)), 3),
+        "misjudged": wrong,
+        "seconds": round(time.monotonic() - started, 1),
+    }
