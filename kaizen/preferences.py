@@ -155,8 +155,8 @@ def first_sentences(answer: str, max_words: int) -> str:
     ending on a full stop: what a user who wanted it short would write."""
     lines = [LIST_OR_HEADING.sub("", line).strip() for line in answer.splitlines()]
     sentences = [s for s in SENTENCE_END.split(" ".join(x for x in lines if x)) if s.strip()]
-    if sentences and FILLER.match(sentences[0]) and len(sentences) > 1:
-        sentences = sentences[1:]  # "Sure! …" — the preamble goes
+    while len(sentences) > 1 and FILLER.match(sentences[0]):
+        sentences = sentences[1:]  # "Sure! Here is …" — the preamble goes
     kept: list[str] = []
     for sentence in sentences:
         if kept and len(" ".join(kept + [sentence]).split()) > max_words:

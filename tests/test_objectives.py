@@ -1,0 +1,329 @@
+"""Each objective moves the model the way its feedback asks; each guard trips when it should."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import pytest
+import torch
+
+from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
+from kaizen.modeling import chat_prompt_ids
+from kaizen.preferences import concise, follow_up, likes_concise, likes_follow_up
+from kaizen.registry import Registry
+from learner import metrics
+from learner.config import LearnerConfig
+from learner.examples import Answer, Pair, Scored, Shaper, Target
+from learner.judge import CommentJudge, labelled_comments
+from learner.loop import Learner
+from learner.objectives import (
+    Forward,
+    forward_terms,
+    reinforce_loss,
+    response_logprobs,
+)
+
+
+@pytest.fixture
+def config(tiny_model, tmp_path):
+    return LearnerConfig(
+        model=tiny_model,
+        buffer=f"sqlite:///{tmp_path}/buffer.db",
+        registry=tmp_path / "registry",
+        publish_every=2,
+        batch_size=4,
+        lr=1e-2,
+        metrics_port=-1,
+        batch_wait_s=0.0,
+        poll_s=0.05,
+    )
+
+
+def sampled(learner: Learner, response_id: str, answer: str, user: str = "u") -> Generation:
+    """An answer as the server would log it, sampled at temperature 1 from the learner's
+    current weights (so its behaviour log-probabilities are the policy's own)."""
+    tok = learner.tokenizer
+    messages = [{"role": "user", "content": "Where is Lyon?"}]
+    prompt = chat_prompt_ids(tok, messages)
+    response = tok.encode(answer, add_special_tokens=False) + [learner.shaper.end_of_turn]
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)[0, len(prompt) :]
+    return Generation(
+        response_id=response_id,
+        user_id=user,
+        request_id="",
+        model_version="v0",
+        messages=messages,
+        prompt_tokens=prompt,
+        response_tokens=response,
+        behaviour_logprobs=logp.tolist(),
+        text=answer,
+        finish_reason="stop",
+        sampling=Sampling(temperature=1.0, seed=1),
+        created_at=time.time(),
+    )
+
+
+def logprob(learner: Learner, answer: Answer) -> float:
+    ids = torch.tensor([answer.prompt + answer.response])
+    with torch.no_grad():
+        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)
+    return float(logp[0, len(answer.prompt) :].sum())
+
+
+def train(learner: Learner, events: list[tuple[Generation, Feedback]], steps: int = 4) -> None:
+    for g, _ in events:
+        if learner.buffer.generation(g.response_id) is None:
+            learner.buffer.append_generation(g)
+    learner.buffer.append_feedback([f for _, f in events])
+    learner.fill()
+    batch = list(learner.pending)
+    assert batch, "the objective found nothing to train on"
+    for _ in range(steps):
+        assert learner.step(batch).ok
+
+
+def thumb(g: Generation, up: bool, n: int = 0) -> Feedback:
+    return Feedback(
+        f"t{g.response_id}{n}", g.response_id, g.user_id, FeedbackKind.THUMB, 1 if up else -1
+    )
+
+
+@pytest.mark.parametrize("objective", ["reinforce", "kto"])
+@pytest.mark.parametrize("up", [True, False])
+def test_thumbs_move_the_answer_up_or_down(config, objective, up):
+    learner = Learner(dataclasses.replace(config, objective=objective))
+    g = sampled(learner, "r1", "Lyon is in France.")
+    before = logprob(learner, Answer.of(g))
+    train(learner, [(g, thumb(g, up))])
+    after = logprob(learner, Answer.of(g))
+    assert (after > before) if up else (after < before)
+
+
+@pytest.mark.parametrize("objective, gain", [("sft", 1.0), ("joint", 1.0), ("kto", 0.1)])
+def test_a_correction_becomes_the_answer_to_imitate(config, objective, gain):
+    learner = Learner(dataclasses.replace(config, objective=objective))
+    g = sampled(learner, "r1", "Lyon is a city in Germany on the Rhine, famous for cheese.")
+    fix = Feedback("c1", "r1", "u", FeedbackKind.CORRECTION, text="Lyon is in France.")
+    wanted = learner.shaper.correction(g, fix.text)
+    before = logprob(learner, wanted)
+    train(learner, [(g, fix)])
+    assert logprob(learner, wanted) - before > gain  # kto's sigmoid moves it more gently
+
+
+def test_dpo_prefers_the_correction_to_the_original(config):
+    learner = Learner(dataclasses.replace(config, objective="dpo"))
+    g = sampled(learner, "r1", "Lyon is a city in Germany.")
+    fix = Feedback("c1", "r1", "u", FeedbackKind.CORRECTION, text="Lyon is in France.")
+    wanted, original = learner.shaper.correction(g, fix.text), Answer.of(g)
+    margin = logprob(learner, wanted) - logprob(learner, original)
+    train(learner, [(g, fix)])
+    assert logprob(learner, wanted) - logprob(learner, original) > margin + 1.0
+
+
+def test_a_regenerated_answer_loses_to_the_liked_one(config):
+    learner = Learner(dataclasses.replace(config, objective="dpo"))
+    bad = sampled(learner, "r1", "I cannot tell you that.")
+    good = sampled(learner, "r2", "Lyon is in France.")
+    margin = logprob(learner, Answer.of(good)) - logprob(learner, Answer.of(bad))
+    regenerate = Feedback("g1", "r1", "u", FeedbackKind.REGENERATE)
+    train(learner, [(bad, regenerate), (good, thumb(good, True))])
+    assert logprob(learner, Answer.of(good)) - logprob(learner, Answer.of(bad)) > margin + 1.0
+
+
+def test_the_joint_feedback_head_learns_to_predict_rewards(config):
+    learner = Learner(dataclasses.replace(config, objective="joint"))
+    good = sampled(learner, "r1", "Lyon is in France.")
+    bad = sampled(learner, "r2", "No idea, sorry, ask someone else please.")
+
+    def predicted() -> list[float]:
+        learner.model.eval()
+        answers = [Answer.of(good), Answer.of(bad)]
+        ids, attention, mask, behaviour, temperature = learner._collate(answers)
+        with torch.no_grad():
+            out = learner.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+            f = forward_terms(
+                out.logits, out.logits, ids, mask, behaviour, temperature, out.hidden_states[-1]
+            )
+            return learner.head(f.hidden).tolist()
+
+    assert predicted() == [0.0, 0.0]  # the head starts at zero
+    train(learner, [(good, thumb(good, True)), (bad, thumb(bad, False))], steps=10)
+    up, down = predicted()
+    assert up > 0.3 and down < -0.3
+
+
+def test_the_shaper_makes_targets_pairs_and_scores():
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [len(w) for w in text.split()]
+
+        def convert_tokens_to_ids(self, token):
+            return 99
+
+        unk_token_id = 0
+        eos_token_id = 98
+
+    def gen(rid: str, user: str = "u", prompt: str = "hi") -> Generation:
+        return Generation(
+            rid,
+            user,
+            "",
+            "v0",
+            [{"role": "user", "content": prompt}],
+            [1, 2],
+            [3, 4],
+            [-0.5, -0.5],
+            "a b",
+            "stop",
+            Sampling(temperature=0.8),
+            0.0,
+        )
+
+    shaper = Shaper(Tok(), sft_min_reward=0.5)
+    liked = shaper.examples(gen("a"), FeedbackKind.THUMB, 1.0)
+    assert [type(e) for e in liked] == [Scored, Target]  # well rated: also a target
+    assert [type(e) for e in shaper.examples(gen("b"), FeedbackKind.DWELL, 0.2)] == [Scored]
+    fixed = shaper.examples(gen("c"), FeedbackKind.CORRECTION, -0.5, "one three")
+    assert [type(e) for e in fixed] == [Scored, Target, Pair]
+    assert fixed[1].answer.response == (3, 5, 99) and fixed[1].answer.behaviour is None
+    assert fixed[2].chosen == fixed[1].answer and fixed[2].rejected == Answer.of(gen("c"))
+    # regenerate, then the same user likes another answer to the same prompt: a pair
+    assert [type(e) for e in shaper.examples(gen("d"), FeedbackKind.REGENERATE, -0.5)] == [Scored]
+    other_user = shaper.examples(gen("e", user="someone else"), FeedbackKind.THUMB, 1.0)
+    assert Pair not in [type(e) for e in other_user]
+    pair = shaper.examples(gen("f"), FeedbackKind.COPY, 0.5)[-1]
+    assert isinstance(pair, Pair) and pair.rejected == Answer.of(gen("d"))
+    assert shaper.regenerated == {}  # used once
+
+
+def test_importance_ratio_is_one_on_policy_and_clipped_off_policy():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 4))
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    behaviour = (response_logprobs(logits / 0.5, ids) * mask).detach()  # sampled at T = 0.5
+    t = torch.tensor([0.5, 0.5])
+    f = forward_terms(logits, logits.detach(), ids, mask, behaviour, t)
+    assert torch.allclose(f.ratio, torch.ones(2), atol=1e-5)
+    assert torch.allclose(f.kl, torch.zeros(2), atol=1e-6)
+    # logged by a policy that gave these tokens far less mass: ratio ≫ 1 + ε; with a
+    # positive advantage the clipped surrogate gives no gradient (PPO's trust region)
+    far = forward_terms(logits, logits.detach(), ids, mask, behaviour - 3.0 * mask, t)
+    assert (far.ratio > 10).all()
+    loss = reinforce_loss(far, torch.tensor([1.0, 1.0]), eps=0.2)
+    loss.backward()
+    assert float(logits.grad.abs().sum()) == 0.0
+    # an unsampled answer (a correction: temperature 0) has ratio 1
+    unsampled = forward_terms(logits, logits.detach(), ids, mask, behaviour - 3.0, torch.zeros(2))
+    assert torch.equal(unsampled.ratio.detach(), torch.ones(2))
+
+
+def test_reinforce_surrogate_by_hand():
+    """On policy (ratio 1) the loss is −mean(A), and its gradient is −A·∇ mean_t log π."""
+    f = Forward(
+        logp=torch.zeros(2),
+        ref_logp=torch.zeros(2),
+        tokens=torch.ones(2),
+        kl=torch.zeros(2),
+        ratio=torch.ones(2, requires_grad=True),
+    )
+    loss = reinforce_loss(f, torch.tensor([0.5, -1.5]), eps=0.2)
+    assert float(loss.detach()) == pytest.approx(0.5)
+    loss.backward()
+    assert f.ratio.grad.tolist() == pytest.approx([-0.25, 0.75])
+
+
+def test_a_nonfinite_gradient_drops_the_step_and_is_counted(config):
+    learner = Learner(dataclasses.replace(config, objective="sft"))
+    g = sampled(learner, "r1", "Lyon is in France.")
+    example = Target(Answer.of(g))
+    weights = [p.detach().clone() for p in learner.params]
+    hook = learner.params[0].register_hook(lambda grad: grad * float("nan"))
+    trips = metrics.GUARD_TRIPS.labels("nonfinite_grad")._value.get()
+    result = learner.step([example])
+    hook.remove()
+    assert not result.ok and result.reason == "nonfinite_grad"
+    assert metrics.GUARD_TRIPS.labels("nonfinite_grad")._value.get() == trips + 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, learner.params, strict=True))
+
+
+def test_the_probe_kl_guard_refuses_to_publish_and_restores_the_weights(config):
+    strict = Learner(
+        dataclasses.replace(config, objective="sft", max_probe_kl=1e-6, probe_prompts=2)
+    )
+    g = sampled(strict, "r1", "Lyon is in France.")
+    published = [p.detach().clone() for p in strict.params]
+    train(strict, [(g, thumb(g, True))])
+    strict.train_pending()
+    assert strict.probe_kl() > 1e-6
+    trips = metrics.GUARD_TRIPS.labels("probe_kl")._value.get()
+    assert strict.publish() is None
+    assert metrics.GUARD_TRIPS.labels("probe_kl")._value.get() == trips + 1
+    assert Registry(config.registry).versions() == []  # never published
+    assert strict.probe_kl() == pytest.approx(0.0, abs=1e-6)  # back to the base weights
+    assert all(torch.equal(a, b) for a, b in zip(published, strict.params, strict=True))
+    assert strict.progress.cursor == 1 and strict.progress.rejected == 1
+
+    # the same training under a loose bound publishes, and says how many were refused
+    loose = dataclasses.replace(config, objective="sft", max_probe_kl=10.0, probe_prompts=2)
+    strict.config = loose
+    g2 = sampled(strict, "r2", "Lyon is in France.")
+    train(strict, [(g2, thumb(g2, True))])
+    strict.train_pending()
+    assert strict.publish() == "v1"
+    assert Registry(config.registry).manifest("v1").metadata["rejected_since_last"] == 1
+
+
+def test_an_answer_nobody_reacted_to_gets_the_no_reaction_reward(config, tmp_path):
+    rewards = tmp_path / "r.toml"
+    rewards.write_text("[implicit]\nno_reaction = -0.2\nno_reaction_window_s = 60\n")
+    learner = Learner(dataclasses.replace(config, objective="reinforce", rewards=rewards))
+    old = dataclasses.replace(sampled(learner, "old", "Lyon."), created_at=time.time() - 120)
+    answered = dataclasses.replace(sampled(learner, "ans", "Lyon!"), created_at=time.time() - 120)
+    young = sampled(learner, "young", "Lyon?")
+    for g in (old, answered, young):
+        learner.buffer.append_generation(g)
+    learner.buffer.append_feedback([thumb(answered, True)])
+    learner.fill()
+    rewards_seen = sorted(ex.reward for ex in learner.pending)
+    assert rewards_seen == [-0.2, 1.0]  # the silent old answer, and the thumb; not the young one
+    learner.train_pending()
+    assert learner.progress.silent_cursor == 2  # young (seq 3) is checked once it is old enough
+
+
+def test_the_labelled_comments_are_balanced_and_the_judge_scores_in_range(config):
+    labelled = labelled_comments()
+    assert len(labelled) >= 50
+    assert 0.4 < sum(ok for _, ok in labelled) / len(labelled) < 0.6
+    learner = Learner(config)
+    scores = learner.judge.score([c for c, _ in labelled[:8]] + ["ok"])
+    assert all(-1 <= s <= 1 for s in scores)
+    assert scores[-1] == pytest.approx(0.0, abs=1e-4)  # centred on a comment that says nothing
+
+
+@pytest.mark.slow
+def test_the_base_model_judges_most_comments_right():
+    from kaizen.modeling import DEFAULT_MODEL_DIR, load_model, load_tokenizer
+
+    model = load_model(DEFAULT_MODEL_DIR, torch.device("cpu"), torch.float32)
+    judge = CommentJudge(model, load_tokenizer(DEFAULT_MODEL_DIR), torch.device("cpu"))
+    assert judge.accuracy(labelled_comments()).accuracy >= 0.7
+
+
+@pytest.mark.parametrize(
+    "preference, likes", [(concise, likes_concise), (follow_up, likes_follow_up)]
+)
+def test_a_simulated_users_correction_is_an_answer_they_like(preference, likes):
+    rng = random.Random(0)
+    long_answer = (
+        "Sure! Here is a detailed explanation. Lyon is a large city in the east of France, "
+        "where the Rhône and the Saône meet. It is known for its food, its old town, and its "
+        "silk history, and it has about half a million people in the city itself."
+    )
+    assert not likes("Where is Lyon?", long_answer)
+    fixed = preference.correct("Where is Lyon?", long_answer, rng)
+    assert likes("Where is Lyon?", fixed), fixed
