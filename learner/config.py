@@ -20,10 +20,10 @@ class LearnerConfig:
     objective: str = option(
         "sft", "what to optimise: reinforce, kto, dpo, sft or joint (see README)", OBJECTIVES
     )
-    publish_every: int = option(32, "publish a new version after this many rewarded samples")
-    batch_size: int = option(8, "rewarded samples per gradient step at most")
-    lr: float = option(1e-4, "AdamW learning rate for the LoRA adapter")
-    kl_coef: float = option(0.05, "β: weight of the per-token KL to the frozen base model")
+    publish_every: int = option(24, "publish a new version after this many training examples")
+    batch_size: int = option(8, "training examples per gradient step (a pair counts once)")
+    lr: float = option(3e-4, "AdamW learning rate for the LoRA adapter (and feedback head)")
+    kl_coef: float = option(0.1, "β: weight of the per-token KL to the frozen base model")
     baseline: str = option(
         "running", "reinforce's baseline: running (mean of all) or per_prompt", BASELINES
     )
