@@ -215,6 +215,7 @@ def _curve(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = {}
     for version in sorted(tally.answers, key=version_number):
@@ -245,6 +246,7 @@ def _curve(
         zorder=3,
         label=f"held-out prompts ({config.heldout})",
     )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("model version")
     ax.set_ylabel(f"liked rate ({config.preference})")
     ax.set_ylim(0, 1)

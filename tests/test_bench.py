@@ -124,3 +124,54 @@ def test_decode_bandwidth_counts_weights_once_per_step_and_the_kv_cache_per_row(
     assert (
         decode_bandwidth(tiny_model, 2, 400.0, 4, 100.0, "Some GPU")["bandwidth_fraction"] is None
     )
+
+
+def test_bench_learn(tiny_model, capsys, tmp_path):
+    figures = bench(
+        capsys,
+        "learn",
+        *("--model", str(tiny_model), "--events", "30", "--heldout", "4", "--users", "4"),
+        *("--concurrency", "4", "--max-new-tokens", "8", "--objective", "reinforce"),
+        *("--out", str(tmp_path / "run")),
+        "--learner-args=--publish-every 4 --batch-size 4 --batch-wait-s 0.2 --poll-s 0.1",
+    )
+    assert figures["events"] >= 30 and figures["objective"] == "reinforce"
+    assert figures["versions_published"] >= 1
+    assert figures["final_version"] == f"v{figures['versions_published']}"
+    assert 0 <= figures["liked_rate_before"] <= 1 and 0 <= figures["liked_rate_after"] <= 1
+    assert figures["heldout_prompts"] == 4
+    assert figures["kl_to_reference"] > 0  # the final version is not the base model
+    assert figures["perplexity_base"] > 1 and figures["perplexity_final"] > 1
+    curve = figures["liked_rate_by_version"]
+    assert sum(v["answers"] for v in curve.values()) == figures["answers"]
+    assert all(v["ci_low"] <= v["liked_rate"] <= v["ci_high"] for v in curve.values())
+    with open(figures["learning_curve_png"], "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wilson_interval():
+    from bench.learn import wilson
+
+    low, high = wilson(0, 10)
+    assert low == 0 and 0.25 < high < 0.35  # no successes in 10 does not mean a rate of 0
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_bench_judge_reports_accuracy_on_a_labelled_file(tiny_model, capsys, tmp_path):
+    labelled = tmp_path / "comments.tsv"
+    labelled.write_text("# a comment line\n1\tgreat, thanks\n0\tthis is wrong\n1\tperfect\n")
+    figures = bench(capsys, "judge", "--model", str(tiny_model), "--comments", str(labelled))
+    assert figures["comments"] == 3
+    assert round(3 * figures["accuracy"]) in (0, 1, 2, 3)
+    assert len(figures["misjudged"]) == round(3 * (1 - figures["accuracy"]))
+
+
+def test_a_malformed_labelled_file_names_the_line(tmp_path):
+    from learner.judge import labelled_comments
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\tfine\nmaybe\tnot a label\n")
+    with pytest.raises(ValueError, match="bad.tsv:2"):
+        labelled_comments(bad)

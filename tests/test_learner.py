@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import threading
 import time
@@ -15,8 +14,8 @@ from kaizen.buffer import SQLiteBuffer
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.registry import Registry
 from learner.config import LearnerConfig
+from learner.examples import Scored
 from learner.loop import Learner
-from learner.examples import Answer, Scored
 from learner.objectives import response_logprobs, token_kl
 from learner.rewards import (
     RewardConfig,
