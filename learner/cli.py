@@ -14,8 +14,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "learn",
         help="learn from logged feedback and publish new versions",
         description="Tail the replay buffer from a persisted cursor, turn feedback into "
-        "rewards, update a LoRA adapter with REINFORCE (baseline, KL to the base model), and "
-        "publish a new version to the registry every --publish-every rewarded samples.",
+        "rewards (--rewards), supervised targets and preference pairs (corrections, "
+        "regenerations, comments scored by a judge), update a LoRA adapter with --objective "
+        "(KL to the base model, clipped importance ratios against the logged behaviour), and "
+        "publish a new version to the registry every --publish-every examples, unless the "
+        "KL guard on a fixed probe set refuses it.",
     )
     add_options(parser, LearnerConfig)
     parser.set_defaults(func=lambda args: _learn(from_options(LearnerConfig, args)))
