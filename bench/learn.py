@@ -41,9 +41,11 @@ def run(config: LearnBench) -> dict[str, object]:
     heldout = load_prompts("heldout")[: config.heldout]
     train = load_prompts("train")
     out = config.out.resolve()
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / "learn.log").exists():  # never wipe a directory this did not write
+            raise ValueError(f"--out: {out} is not empty and not from a kaizen bench learn run")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     sample = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
 
