@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from kaizen.config import add_options, from_options
@@ -76,9 +77,12 @@ def _add(parser: argparse.ArgumentParser, config_cls: type, run: Callable) -> No
             config = from_options(config_cls, args)
         except ValueError as exc:
             parser.error(str(exc))
-        return run_and_print(
-            f"kaizen {args.command} {args.bench_command}", lambda: run(config), args.json
-        )
+        title = f"kaizen {args.command} {args.bench_command}"
+        try:
+            return run_and_print(title, lambda: run(config), args.json)
+        except ValueError as exc:  # a flag the run found unusable (the message names it)
+            print(f"{title}: {exc}", file=sys.stderr)
+            return 2
 
     parser.set_defaults(func=main)
 

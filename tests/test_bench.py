@@ -175,3 +175,13 @@ def test_a_malformed_labelled_file_names_the_line(tmp_path):
     bad.write_text("1\tfine\nmaybe\tnot a label\n")
     with pytest.raises(ValueError, match="bad.tsv:2"):
         labelled_comments(bad)
+
+
+def test_bench_learn_never_wipes_a_directory_it_did_not_write(tiny_model, tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    argv = ["bench", "learn", "--model", str(tiny_model), "--out", str(precious)]
+    assert main(argv) == 2
+    assert "--out" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
