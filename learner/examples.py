@@ -6,8 +6,9 @@ One event on one answer can give several examples:
 - an event whose reward is at least `sft_min_reward`: `Target(answer)` (sft, joint, kto);
 - a correction: `Target(correction)` — the answer the user wrote, to imitate — and
   `Pair(correction ≻ original)` (dpo), besides the correction's own negative reward;
-- a regenerate, then a positive reward from the same user on another answer to the same
-  conversation: `Pair(liked ≻ regenerated)`. The regenerated answers wait in a bounded
+- a regenerate, then a reward of at least `sft_min_reward` (clearly liked: a thumb up,
+  4–5 stars, a copy; not mere reading time) from the same user on another answer to the
+  same conversation: `Pair(liked ≻ regenerated)`. The regenerated answers wait in a bounded
   memory (the newest 4,096); a restarted learner forgets them.
 """
 
@@ -106,7 +107,7 @@ class Shaper:
             self.regenerated.move_to_end(key)
             while len(self.regenerated) > self.memory:
                 self.regenerated.popitem(last=False)
-        elif reward is not None and reward > 0:
+        elif reward is not None and reward >= self.sft_min_reward:  # clearly liked
             earlier = self.regenerated.get(key)
             if earlier is not None and earlier.response_id != g.response_id:
                 del self.regenerated[key]

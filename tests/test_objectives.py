@@ -195,6 +195,8 @@ def test_the_shaper_makes_targets_pairs_and_scores():
     assert [type(e) for e in shaper.examples(gen("d"), FeedbackKind.REGENERATE, -0.5)] == [Scored]
     other_user = shaper.examples(gen("e", user="someone else"), FeedbackKind.THUMB, 1.0)
     assert Pair not in [type(e) for e in other_user]
+    read_only = shaper.examples(gen("e2"), FeedbackKind.DWELL, 0.3)  # read, not liked
+    assert Pair not in [type(e) for e in read_only]
     pair = shaper.examples(gen("f"), FeedbackKind.COPY, 0.5)[-1]
     assert isinstance(pair, Pair) and pair.rejected == Answer.of(gen("d"))
     assert shaper.regenerated == {}  # used once
