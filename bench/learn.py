@@ -254,7 +254,7 @@ def _curve(
     ax.set_ylim(0, 1)
     ax.set_title(f"kaizen bench learn: {config.preference}, {config.objective}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
