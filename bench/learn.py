@@ -70,6 +70,7 @@ def run(config: LearnBench) -> dict[str, object]:
             out / "learn.log",
         )
         try:
+            _wait_learner(learner, out / "learn.log")
             sim = Simulator(
                 server.channel, preference, train, config.users, seed=config.seed, **sample
             )
@@ -137,6 +138,18 @@ def run(config: LearnBench) -> dict[str, object]:
     }
 
 
+def _wait_learner(learner, log: Path, timeout_s: float = 300.0) -> None:
+    """Block until `kaizen learn` has loaded and started tailing the buffer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if learner.poll() is not None:
+            raise RuntimeError(f"kaizen learn exited with {learner.returncode}: see {log}")
+        if "kaizen learn: from" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"kaizen learn did not start in {timeout_s:g} s: see {log}")
+
+
 def _drift(
     model_dir: Path, registry: Registry, final: str, answers: list[tuple[str, str, str]]
 ) -> dict[str, float | None]:
@@ -177,7 +190,7 @@ def _drift(
             kls.append(float(kl.sum()))
             counts.append(len(a))
     return {
-        "kl_to_reference": round(sum(kls) / max(1, sum(counts)), 4),
+        "kl_to_reference": round(sum(kls) / max(1, sum(counts)), 6),
         "perplexity_base": round(ppl_base, 3),
         "perplexity_final": round(ppl_final, 3),
         "perplexity_change_pct": round(100 * (ppl_final / ppl_base - 1), 2),

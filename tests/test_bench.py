@@ -133,7 +133,7 @@ def test_bench_learn(tiny_model, capsys, tmp_path):
         *("--model", str(tiny_model), "--events", "30", "--heldout", "4", "--users", "4"),
         *("--concurrency", "4", "--max-new-tokens", "8", "--objective", "reinforce"),
         *("--out", str(tmp_path / "run")),
-        "--learner-args=--publish-every 4 --batch-size 4 --batch-wait-s 0.2 --poll-s 0.1",
+        "--learner-args=--publish-every 4 --batch-size 4 --batch-wait-s 0.2 --poll-s 0.1 --lr 1e-2",
     )
     assert figures["events"] >= 30 and figures["objective"] == "reinforce"
     assert figures["versions_published"] >= 1
