@@ -38,7 +38,7 @@ class LearnerConfig:
         0.5, "an answer whose reward is at least this is also a supervised target"
     )
     max_probe_kl: float = option(
-        0.08, "guard: never publish a version whose mean KL to the base on the probe set is above"
+        0.07, "guard: never publish a version whose mean KL to the base on the probe set is above"
     )
     probe_prompts: int = option(8, "held-out prompts in the KL probe set (plus general text)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
