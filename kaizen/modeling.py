@@ -161,11 +161,7 @@ def load_model(path: Path | str, device: torch.device, dtype: torch.dtype):
 
 def stop_token_ids(tokenizer) -> set[int]:
     """Tokens that end an answer: the tokenizer's EOS and the chat template's end of turn."""
-    ids = {tokenizer.eos_token_id}
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
-        ids.add(end_of_turn)
-    return {i for i in ids if i is not None}
+    return {i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if i is not None}
 
 
 def end_of_turn_id(tokenizer) -> int:

@@ -116,3 +116,13 @@ def publish_random_adapter(registry: Registry, model_dir: Path, seed: int) -> st
     with registry.publish(modeling.model_info(model_dir).name, {"seed": seed}) as staging:
         peft_model.save_pretrained(staging)
     return registry.latest()
+
+
+def policy_logprobs(model, prompt, response) -> list[float]:
+    """log p(token) of each response token after `prompt` under `model`, at temperature 1."""
+    from learner.objectives import response_logprobs
+
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        logp = response_logprobs(model(input_ids=ids).logits, ids)
+    return logp[0, len(prompt) :].tolist()

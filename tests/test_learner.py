@@ -16,7 +16,7 @@ from kaizen.registry import Registry
 from learner.config import LearnerConfig
 from learner.examples import Scored
 from learner.loop import Learner
-from learner.objectives import response_logprobs, token_kl
+from learner.objectives import token_kl
 from learner.rewards import (
     RewardConfig,
     RewardConfigError,
@@ -24,6 +24,7 @@ from learner.rewards import (
     reward,
     to_toml,
 )
+from tests.conftest import policy_logprobs
 
 
 def fb(kind: FeedbackKind, value: float = 0.0, text: str = "") -> Feedback:
@@ -173,17 +174,12 @@ def learner_config(tiny_model, tmp_path):
 def as_sampled(learner: Learner, g: Generation) -> Generation:
     """`g` with the behaviour log-probabilities the learner's current policy gives it, as
     if the server had just sampled it (temperature 1) from the same weights."""
-    ids = torch.tensor([g.prompt_tokens + g.response_tokens])
-    with torch.no_grad():
-        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)
-    return dataclasses.replace(g, behaviour_logprobs=logp[0, len(g.prompt_tokens) :].tolist())
+    logged = policy_logprobs(learner.model, g.prompt_tokens, g.response_tokens)
+    return dataclasses.replace(g, behaviour_logprobs=logged)
 
 
 def seq_logprob(learner: Learner, generation: Generation) -> float:
-    ids = torch.tensor([generation.prompt_tokens + generation.response_tokens])
-    with torch.no_grad():
-        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)
-    return float(logp[0, len(generation.prompt_tokens) :].sum())
+    return sum(policy_logprobs(learner.model, generation.prompt_tokens, generation.response_tokens))
 
 
 @pytest.mark.parametrize("up", [True, False])

@@ -24,6 +24,7 @@ from learner.objectives import (
     reinforce_loss,
     response_logprobs,
 )
+from tests.conftest import policy_logprobs
 
 
 @pytest.fixture
@@ -48,9 +49,6 @@ def sampled(learner: Learner, response_id: str, answer: str, user: str = "u") ->
     messages = [{"role": "user", "content": "Where is Lyon?"}]
     prompt = chat_prompt_ids(tok, messages)
     response = tok.encode(answer, add_special_tokens=False) + [learner.shaper.end_of_turn]
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)[0, len(prompt) :]
     return Generation(
         response_id=response_id,
         user_id=user,
@@ -59,7 +57,7 @@ def sampled(learner: Learner, response_id: str, answer: str, user: str = "u") ->
         messages=messages,
         prompt_tokens=prompt,
         response_tokens=response,
-        behaviour_logprobs=logp.tolist(),
+        behaviour_logprobs=policy_logprobs(learner.model, prompt, response),
         text=answer,
         finish_reason="stop",
         sampling=Sampling(temperature=1.0, seed=1),
@@ -68,10 +66,7 @@ def sampled(learner: Learner, response_id: str, answer: str, user: str = "u") ->
 
 
 def logprob(learner: Learner, answer: Answer) -> float:
-    ids = torch.tensor([answer.prompt + answer.response])
-    with torch.no_grad():
-        logp = response_logprobs(learner.model(input_ids=ids).logits, ids)
-    return float(logp[0, len(answer.prompt) :].sum())
+    return sum(policy_logprobs(learner.model, answer.prompt, answer.response))
 
 
 def train(learner: Learner, events: list[tuple[Generation, Feedback]], steps: int = 4) -> None:
