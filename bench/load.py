@@ -95,6 +95,8 @@ def kaizen_server(
         f"sqlite:///{workdir / 'buffer.db'}",  # ServerProcess.buffer_url
         "--max-batch",
         str(max_batch),
+        "--canary-share",
+        "0",  # every published version serves everyone at once: these measure the engine
         "--max-new-tokens-cap",
         str(max(512, new_tokens)),
         "--dtype",

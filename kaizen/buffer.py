@@ -94,10 +94,14 @@ class ReplayBuffer(Protocol):
     def close(self) -> None: ...
 
 
-def open_buffer(url: str, **options: int) -> ReplayBuffer:
-    """Open a buffer by URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
+def open_buffer(url: str, must_exist: bool = False, **options: int) -> ReplayBuffer:
+    """Open a buffer by URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`.
+    A new one is created unless `must_exist` (readers of logs that should be there)."""
     if url.startswith("sqlite:///"):
-        return SQLiteBuffer(Path(url.removeprefix("sqlite:///")), **options)
+        path = Path(url.removeprefix("sqlite:///"))
+        if must_exist and not path.is_file():
+            raise ValueError(f"--buffer: {path} does not exist")
+        return SQLiteBuffer(path, **options)
     raise ValueError(f"--buffer: unsupported URL {url!r}; expected sqlite:///PATH")
 
 

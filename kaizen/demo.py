@@ -139,7 +139,12 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
     ]
     print(f"kaizen demo: data in {DATA}/, logs in {DATA}/serve.log and {DATA}/learn.log")
     server = start_kaizen(
-        ["serve", *common, "--port", str(port), "--metrics-port", str(free_port())],
+        [
+            "serve",
+            *common,
+            *("--port", str(port), "--metrics-port", str(free_port())),
+            *("--canary-share", "0"),  # the demo shows each version taking over at once
+        ],
         DATA / "serve.log",
     )
     learner = start_kaizen(

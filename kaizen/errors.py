@@ -45,3 +45,21 @@ class Unavailable(KaizenError):
 
 class CorruptVersion(KaizenError):
     """A published version whose files do not match their manifest."""
+
+
+class FailedPrecondition(InvalidArgument):
+    """A valid request the current state does not allow (e.g. promoting the serving version)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(KaizenError):
+    """An admin RPC without the credentials the server was started with."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(KaizenError):
+    """An admin RPC with credentials that do not match."""
+
+    status = "PERMISSION_DENIED"

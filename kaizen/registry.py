@@ -6,11 +6,17 @@ Layout under the registry root:
         adapter_model.safetensors, adapter_config.json   (peft LoRA adapter)
         learner_state.pt      (the learner's optimizer and cursor; servers ignore it)
         manifest.json         (version, parent, base model, created_at, sha256 of each file)
+    rollout/v000001.json      what servers decided about it: promoted or rolled_back, why,
+                              and the evidence (rewritten atomically; the last word wins)
     .staging-<random>/        a version being written; invisible to readers
 
 A version is written under a staging name, every file and the directory fsynced, then
 renamed into place: a reader sees the whole version or none of it. "v0" names the base
 model with no adapter and has no directory.
+
+A candidate the learner's guards refused is still published, for the record, with
+`metadata["rejected"]` giving the reason: servers never serve it, and a restarted learner
+does not resume from it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from kaizen.errors import CorruptVersion
 
 BASE_VERSION = "v0"
 MANIFEST = "manifest.json"
+ROLLOUT_DIR = "rollout"
+PROMOTED, ROLLED_BACK = "promoted", "rolled_back"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
@@ -98,6 +106,75 @@ class Registry:
     def manifest(self, version: str) -> Manifest:
         data = json.loads((self.path(version) / MANIFEST).read_text())
         return Manifest(**data)
+
+    def rejected(self, version: str) -> str:
+        """Why the learner refused `version` ("" when it did not)."""
+        if version == BASE_VERSION:
+            return ""
+        return str(self.manifest(version).metadata.get("rejected", ""))
+
+    def rollout(self, version: str) -> dict[str, object] | None:
+        """The servers' last decision about `version`, or None."""
+        path = self.root / ROLLOUT_DIR / f"{self.path(version).name}.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def record_rollout(
+        self, version: str, state: str, reason: str, evidence: dict[str, object] | None = None
+    ) -> None:
+        """Record a rollout decision (PROMOTED or ROLLED_BACK) about `version`, atomically."""
+        if state not in (PROMOTED, ROLLED_BACK):
+            raise ValueError(f"state: {state!r} is not {PROMOTED} or {ROLLED_BACK}")
+        folder = self.root / ROLLOUT_DIR
+        folder.mkdir(exist_ok=True)
+        record = {
+            "version": version,
+            "state": state,
+            "reason": reason,
+            "evidence": evidence or {},
+            "at": time.time(),
+        }
+        name = f"v{version_number(version):06d}.json"
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".tmp-", delete=False) as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, folder / name)
+        _fsync_dir(folder)
+
+    def servable(self, version: str) -> bool:
+        """Neither refused by the learner nor rolled back by a server."""
+        if version == BASE_VERSION:
+            return True
+        if self.rejected(version):
+            return False
+        record = self.rollout(version)
+        return record is None or record["state"] != ROLLED_BACK
+
+    def latest_accepted(self) -> str:
+        """The newest version the learner did not reject (v0 when none): what a restarted
+        learner resumes from."""
+        for version in reversed(self.versions()):
+            if not self.rejected(version):
+                return version
+        return BASE_VERSION
+
+    def latest_servable(self) -> str:
+        """The newest version that may be served (v0 when none may)."""
+        for version in reversed(self.versions()):
+            if self.servable(version):
+                return version
+        return BASE_VERSION
+
+    def serving(self) -> str:
+        """The newest version a server promoted and did not roll back since (v0 if none)."""
+        for version in reversed(self.versions()):
+            record = self.rollout(version)
+            if record is not None and record["state"] == PROMOTED and not self.rejected(version):
+                return version
+        return BASE_VERSION
 
     def verify(self, version: str) -> Manifest:
         """Check every file against the manifest; raise CorruptVersion on any mismatch."""

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaizen.config import option
-from kaizen.modeling import DEFAULT_MODEL_DIR
+from kaizen.modeling import DEFAULT_MODEL_DIR, DTYPE_HELP
 
 OBJECTIVES = ("reinforce", "kto", "dpo", "sft", "joint")
 BASELINES = ("running", "per_prompt")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,23 @@ class LearnerConfig:
         0.5, "an answer whose reward is at least this is also a supervised target"
     )
     max_probe_kl: float = option(
-        0.07, "guard: never publish a version whose mean KL to the base on the probe set is above"
+        0.025,
+        "guard: never publish a version whose mean per-token KL to the base on the probe "
+        "set (general text it never trains on) is above",
     )
-    probe_prompts: int = option(8, "held-out prompts in the KL probe set (plus general text)")
+    anchor_coef: float = option(
+        1.0, "weight of the KL to the base on general anchor text, added to every step's loss"
+    )
+    gate_holdout: float = option(
+        0.1, "gate: share of answers (by response id) never trained on, replayed before publishing"
+    )
+    gate_window: int = option(128, "gate: the newest held-out rewarded events it replays")
+    gate_min_events: int = option(32, "gate: below this many held-out events it does not judge")
+    gate_margin: float = option(
+        0.05, "gate: refuse when the candidate's lower bound is below the last version's by more"
+    )
+    gate_confidence: float = option(0.9, "gate: one-sided confidence of the candidate's bound")
+    gate_estimator: str = option("snips", "gate: ips or snips", ("ips", "snips"))
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
@@ -54,5 +69,51 @@ class LearnerConfig:
     max_steps: int = option(0, "stop after this many gradient steps (0 = run until stopped)")
     seed: int = option(0, "random seed for the adapter's initialisation")
     rewards: Path | None = option(
-        None, "reward configuration (TOML); default: the shipped learner/rewards.toml"
+        None, "reward configuration (TOML); default: the shipped kaizen/data/rewards.toml"
     )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gate_holdout < 1:
+            raise ValueError(f"--gate-holdout: must be in [0, 1), got {self.gate_holdout}")
+        if not 0 < self.gate_confidence < 1:
+            raise ValueError(f"--gate-confidence: must be in (0, 1), got {self.gate_confidence}")
+
+
+@dataclass(frozen=True)
+class ReplayEvaluateConfig:
+    candidate: str = option("", "the version to evaluate (vN)")
+    against: str = option("", "the version to compare with; default: the serving one")
+    model: Path = option(DEFAULT_MODEL_DIR, "base model checkpoint directory")
+    buffer: str = option("sqlite:///kaizen-data/buffer.db", "replay buffer URL")
+    registry: Path = option(Path("kaizen-data/registry"), "weight registry directory")
+    limit: int = option(400, "the newest answers with rewarded feedback to replay (0 = all)")
+    direct_method: str = option(
+        "ridge",
+        "doubly robust's reward model: ridge (on the base model's features) or none",
+        ("ridge", "none"),
+    )
+    level: float = option(0.95, "confidence level of the bootstrap intervals")
+    resamples: int = option(1000, "bootstrap resamples")
+    device: str = option("auto", "torch device: auto, cpu, cuda …")
+    dtype: str = option(
+        "auto", DTYPE_HELP + " (the server's default, so its own answers weigh ≈ 1)", DTYPES
+    )
+    rewards: Path | None = option(None, "reward configuration (TOML); default: the shipped one")
+    json: bool = option(False, "print the figures as one JSON object instead of a table")
+    report: Path | None = option(None, "also draw the estimates and weights to this PNG")
+
+    def __post_init__(self) -> None:
+        if not self.candidate:
+            raise ValueError("--candidate: required (e.g. --candidate v3)")
+        if not 0 < self.level < 1:
+            raise ValueError(f"--level: must be in (0, 1), got {self.level}")
+        if self.limit < 0 or self.resamples < 1:
+            raise ValueError("--limit must be 0 or more and --resamples at least 1")
+
+
+@dataclass(frozen=True)
+class ReplayExportConfig:
+    out: Path = option(Path("kaizen-data/export.jsonl"), "file to write")
+    format: str = option("jsonl", "jsonl or parquet (parquet needs pyarrow)", ("jsonl", "parquet"))
+    buffer: str = option("sqlite:///kaizen-data/buffer.db", "replay buffer URL")
+    rewards: Path | None = option(None, "reward configuration (TOML); default: the shipped one")

@@ -18,6 +18,8 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from kaizen import modeling
 from kaizen.events import FeedbackKind, Generation
 
@@ -40,6 +42,29 @@ class Answer:
             tuple(g.behaviour_logprobs) if sampled else None,
             g.sampling.temperature if sampled else 0.0,
         )
+
+
+def collate(answers: list[Answer], pad_id: int, device: torch.device):
+    """Right-padded tensors for one forward pass over `answers`:
+    (ids, attention, mask of response tokens, logged behaviour log μ, temperature)."""
+    rows = [a.prompt + a.response for a in answers]
+    width = max(len(r) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, width), dtype=torch.long)
+    mask = torch.zeros((B, width), dtype=torch.long)  # 1 on response tokens
+    behaviour = torch.zeros((B, width), dtype=torch.float32)
+    temperature = torch.zeros(B, dtype=torch.float32)
+    for i, a in enumerate(answers):
+        n_prompt = len(a.prompt)
+        ids[i, : len(rows[i])] = torch.tensor(rows[i])
+        attention[i, : len(rows[i])] = 1
+        mask[i, n_prompt : len(rows[i])] = 1
+        if a.behaviour is not None:
+            behaviour[i, n_prompt : len(rows[i])] = torch.tensor(a.behaviour)
+            temperature[i] = a.temperature
+    to = device
+    return ids.to(to), attention.to(to), mask.to(to), behaviour.to(to), temperature.to(to)
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,21 @@ published are trained on again, once, from the weights that were published, and 
 event is skipped.
 
 Guards: a step whose loss or gradient is not finite is dropped (its events are
-consumed) and counted; before publishing, the mean KL to the base model on a fixed
-probe set must stay under `max_probe_kl`, or the version is not published and the
-weights go back to the last published ones (the events since then are dropped).
+consumed) and counted. Before publishing, two checks, and a candidate that fails one is
+recorded in the registry as rejected (with the reason and the figures; servers never
+serve it) and the weights go back to the last published ones (the events since then are
+dropped):
+
+- the mean KL to the base model on a fixed probe set must stay under `max_probe_kl`;
+- the replay gate: a slice of answers (`gate_holdout`, by response id) is never trained
+  on; on its newest rewarded events, the candidate's one-sided lower confidence bound
+  (SNIPS by default, `learner.estimators`) must not fall below the last published
+  version's estimate by more than `gate_margin`.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import logging
@@ -24,15 +32,18 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
+import numpy as np
 import torch
 
 from kaizen import modeling
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.registry import BASE_VERSION, Registry, version_number
+from kaizen.rewards import load_rewards, reward
 from learner import metrics
 from learner.config import LearnerConfig
-from learner.examples import USES, Answer, Example, Pair, Scored, Shaper, Target
+from learner.estimators import effective_sample_size, estimate_all, lower_bound, weights
+from learner.examples import USES, Answer, Example, Pair, Scored, Shaper, Target, collate
 from learner.objectives import (
     OBJECTIVES,
     FeedbackHead,
@@ -45,7 +56,6 @@ from learner.objectives import (
     sft_loss,
     token_kl,
 )
-from learner.rewards import load_rewards, reward
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +125,7 @@ class Learner:
             p.requires_grad_(False)
         self.head = FeedbackHead(base.config.hidden_size).to(self.device)
 
-        self.version = self.registry.latest()
+        self.version = self.registry.latest_accepted()
         self.progress = Progress()
         state = None
         if self.version != BASE_VERSION:
@@ -167,7 +177,13 @@ class Learner:
         self.first_pending_at = 0.0
         self._judge = None
         self._probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._anchor: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._anchor_turn = 0
         self._published = self._snapshot()  # what a tripped guard goes back to
+        # the gate's slice: (answer, reward) of held-out events, newest last; not persisted
+        self.heldout: collections.deque[tuple[Answer, float]] = collections.deque(
+            maxlen=config.gate_window
+        )
         metrics.CURSOR.set(self.progress.cursor)
         metrics.BASELINE.set(self.progress.baseline)
         metrics.VERSION.set(version_number(self.version))
@@ -188,8 +204,21 @@ class Learner:
             self._judge = CommentJudge(_Reference(self.model), self.tokenizer, self.device)
         return self._judge
 
+    def held_out(self, response_id: str) -> bool:
+        """Whether an answer belongs to the gate's slice (never trained on)."""
+        digest = hashlib.sha256(response_id.encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.config.gate_holdout
+
     def _take(self, g: Generation, fb: Feedback) -> None:
-        """Turn one event into the examples this objective trains on."""
+        """Turn one event into the examples this objective trains on (or, for an answer
+        in the gate's slice, into the gate's evidence)."""
+        if self.held_out(g.response_id):
+            answer = Answer.of(g)
+            r = reward(fb, self.rewards, g, time.time())  # comments: no judge here
+            if r is not None and answer.behaviour is not None and g.sampling.top_p >= 1.0:
+                self.heldout.append((answer, r))
+            metrics.SAMPLES.labels("held_out").inc()
+            return
         score = None
         if fb.kind == FeedbackKind.COMMENT and fb.text.strip() and self.rewards.comment:
             score = self.judge.score([fb.text])[0]
@@ -243,27 +272,6 @@ class Learner:
 
     # -- learning ----------------------------------------------------------------------
 
-    def _collate(self, answers: list[Answer]):
-        rows = [a.prompt + a.response for a in answers]
-        width = max(len(r) for r in rows)
-        B = len(rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((B, width), pad, dtype=torch.long)
-        attention = torch.zeros((B, width), dtype=torch.long)
-        mask = torch.zeros((B, width), dtype=torch.long)  # 1 on response tokens
-        behaviour = torch.zeros((B, width), dtype=torch.float32)
-        temperature = torch.zeros(B, dtype=torch.float32)
-        for i, a in enumerate(answers):
-            n_prompt = len(a.prompt)
-            ids[i, : len(rows[i])] = torch.tensor(rows[i])
-            attention[i, : len(rows[i])] = 1
-            mask[i, n_prompt : len(rows[i])] = 1
-            if a.behaviour is not None:
-                behaviour[i, n_prompt : len(rows[i])] = torch.tensor(a.behaviour)
-                temperature[i] = a.temperature
-        to = self.device
-        return ids.to(to), attention.to(to), mask.to(to), behaviour.to(to), temperature.to(to)
-
     def _baseline_for(self, answer: Answer) -> float:
         if self.config.baseline == "per_prompt":
             return self.progress.prompt_baselines.get(_prompt_key(answer), self.progress.baseline)
@@ -291,7 +299,9 @@ class Learner:
             parts = (ex.chosen, ex.rejected) if isinstance(ex, Pair) else (ex.answer,)
             where.append(tuple(range(len(answers), len(answers) + len(parts))))
             answers += parts
-        ids, attention, mask, behaviour, temperature = self._collate(answers)
+        ids, attention, mask, behaviour, temperature = collate(
+            answers, self.tokenizer.pad_token_id, self.device
+        )
         joint = c.objective == "joint"
         out = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=joint)
         with torch.no_grad(), self.model.disable_adapter():
@@ -336,7 +346,10 @@ class Learner:
                     predicted = self.head(_select(f, [i for i, _ in scored]).hidden)
                     main = main + c.feedback_coef * feedback_loss(predicted, rewards)
         kl = f.kl.mean()
-        return main + c.kl_coef * kl, kl.detach(), [ex for _, ex in scored]
+        loss = main + c.kl_coef * kl
+        if c.anchor_coef > 0:
+            loss = loss + c.anchor_coef * self.anchor_kl()
+        return loss, kl.detach(), [ex for _, ex in scored]
 
     def step(self, batch: list[Example]) -> StepResult:
         """One gradient step on `batch`; a non-finite loss or gradient drops it."""
@@ -393,70 +406,116 @@ class Learner:
             copy.deepcopy(self.optimizer.state_dict()),
         )
 
-    def _restore(self) -> None:
-        weights, head, optimizer = self._published
+    def _copy_weights(self, adapter: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, p in self.model.named_parameters():
-                if n in weights:
-                    p.copy_(weights[n])
+                if n in adapter:
+                    p.copy_(adapter[n])
+
+    def _restore(self) -> None:
+        adapter, head, optimizer = self._published
+        self._copy_weights(adapter)
         self.head.load_state_dict(head)
         self.optimizer.load_state_dict(copy.deepcopy(optimizer))
 
-    def _probe_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed sequences the KL guard measures: held-out prompts with the base model's
-        own greedy answers, and general text. (ids, attention, mask of measured positions)"""
-        if self._probe is None:
-            data = resources.files("kaizen") / "data"
-            prompts = [
-                p for p in (data / "prompts_heldout.txt").read_text().splitlines() if p.strip()
-            ]
-            rows: list[tuple[list[int], int]] = []
-            self.model.eval()
-            with torch.no_grad(), self.model.disable_adapter():
-                for prompt in prompts[: self.config.probe_prompts]:
-                    ids = modeling.chat_prompt_ids(
-                        self.tokenizer, [{"role": "user", "content": prompt}]
-                    )
-                    out = self.model.generate(
-                        input_ids=torch.tensor([ids], device=self.device),
-                        attention_mask=torch.ones(
-                            1, len(ids), dtype=torch.long, device=self.device
-                        ),
-                        max_new_tokens=32,
-                        do_sample=False,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                    )
-                    rows.append((out[0].tolist(), len(ids)))
-            words = (data / "general_text.txt").read_text().split()
-            for start in (0, len(words) // 2):
-                text = " ".join(words[start : start + 60])
-                rows.append((self.tokenizer.encode(text, add_special_tokens=False)[:96], 1))
-            width = max(len(r) for r, _ in rows)
-            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            mask = torch.zeros_like(ids)
-            for i, (row, first) in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row)
-                attention[i, : len(row)] = 1
-                mask[i, first : len(row)] = 1
-            self._probe = (ids.to(self.device), attention.to(self.device), mask.to(self.device))
-        return self._probe
+    def _passages(self, name: str, max_tokens: int = 128):
+        """The paragraphs of a shipped text as one padded batch: (ids, attention, mask of
+        the positions whose next-token distribution is measured)."""
+        text = (resources.files("learner") / "data" / name).read_text()
+        rows = [
+            self.tokenizer.encode(p.strip(), add_special_tokens=False)[:max_tokens]
+            for p in text.split("\n\n")
+            if p.strip()
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row)] = 1
+        mask = attention.clone()
+        mask[:, 0] = 0  # token_kl measures the distributions that predict tokens 1…
+        return ids.to(self.device), attention.to(self.device), mask.to(self.device)
+
+    def _text_kl(self, ids, attention, mask) -> torch.Tensor:
+        """Mean per-token KL(π_θ ‖ π_ref) over the masked positions of some text."""
+        logits = self.model(input_ids=ids, attention_mask=attention).logits
+        with torch.no_grad(), self.model.disable_adapter():
+            ref_logits = self.model(input_ids=ids, attention_mask=attention).logits
+        kl = token_kl(logits, ref_logits) * mask
+        return kl.sum() / mask.sum()
+
+    def anchor_kl(self) -> torch.Tensor:
+        """KL to the base on the next two anchor passages (general text, in turn): the
+        term that keeps the adapter from changing how the model writes outside chat."""
+        if self._anchor is None:
+            self._anchor = self._passages("anchor_text.txt")
+        ids, attention, mask = self._anchor
+        n = ids.shape[0]
+        pick = torch.tensor([self._anchor_turn % n, (self._anchor_turn + 1) % n])
+        self._anchor_turn += 2
+        return self._text_kl(ids[pick], attention[pick], mask[pick])
 
     @torch.no_grad()
     def probe_kl(self) -> float:
-        """Mean per-token KL(π_θ ‖ π_ref) on the probe set."""
-        ids, attention, mask = self._probe_set()
+        """Mean per-token KL(π_θ ‖ π_ref) on the probe set: general text never trained on
+        (`learner/data/probe_text.txt`), where drift means forgetting how to write."""
+        if self._probe is None:
+            self._probe = self._passages("probe_text.txt")
         self.model.eval()
-        logits = self.model(input_ids=ids, attention_mask=attention).logits
-        with self.model.disable_adapter():
-            ref_logits = self.model(input_ids=ids, attention_mask=attention).logits
-        kl = token_kl(logits, ref_logits) * mask
-        return float(kl.sum() / mask.sum())
+        return float(self._text_kl(*self._probe))
 
     # -- publishing --------------------------------------------------------------------
 
+    def gate(self) -> dict[str, object]:
+        """The replay gate's evidence about the current weights; "refused" gives the reason
+        when it refuses them. It does not judge on fewer than `gate_min_events` events."""
+        from learner.replay import Scorer
+
+        c = self.config
+        held = list(self.heldout)
+        evidence: dict[str, object] = {"events": len(held), "judged": False}
+        if len(held) < c.gate_min_events or c.gate_holdout <= 0:
+            return evidence
+        answers = [a for a, _ in held]
+        r = np.array([x for _, x in held])
+        behaviour = np.array([sum(a.behaviour) for a in answers])
+        scorer = Scorer.wrapping(self.model, self.tokenizer, self.device)
+        self.model.eval()
+        mine = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        candidate = weights(scorer.terms(None, answers, reference=False).tempered_logp, behaviour)
+        self._copy_weights(self._published[0])
+        try:
+            last = weights(scorer.terms(None, answers, reference=False).tempered_logp, behaviour)
+        finally:
+            self._copy_weights(mine)
+        name = c.gate_estimator
+        bound = lower_bound(candidate, r, name, c.gate_confidence, seed=len(held))
+        last_value = estimate_all(last, r, resamples=1)[name].value
+        evidence.update(
+            judged=True,
+            estimator=name,
+            confidence=c.gate_confidence,
+            candidate=round(bound.value, 4),
+            candidate_low=round(bound.low, 4),
+            candidate_ess=round(effective_sample_size(candidate), 1),
+            last=self.version,
+            last_value=round(last_value, 4),
+            last_ess=round(effective_sample_size(last), 1),
+            margin=c.gate_margin,
+        )
+        if bound.low < last_value - c.gate_margin:
+            evidence["refused"] = (
+                f"replay gate: {name} lower bound {bound.low:+.3f} ({c.gate_confidence:.0%} "
+                f"one-sided, {len(held)} held-out events) is below {self.version}'s "
+                f"{last_value:+.3f} by more than --gate-margin {c.gate_margin}"
+            )
+        return evidence
+
     def publish(self) -> str | None:
-        """Publish the weights as a new version, unless a guard refuses them (→ None)."""
+        """Publish the weights as a new version, unless a guard refuses them: then the
+        candidate is published for the record as rejected (never served), the weights go
+        back to the last accepted version's, and this returns None."""
         probe_kl = self.probe_kl()
         metrics.PROBE_KL.set(probe_kl)
         rewards = self.progress.window_rewards
@@ -467,20 +526,14 @@ class Learner:
         }
         self.progress.window_rewards = []
         self.progress.window_examples = 0
+        guard, reason, gate = "", "", {}
         if probe_kl > self.config.max_probe_kl:
-            self._restore()
-            self.progress.rejected += 1
-            metrics.GUARD_TRIPS.labels("probe_kl").inc()
-            metrics.REJECTED.inc()
-            log.warning(
-                "not published: probe KL %.3f > --max-probe-kl %.3f; back to %s's weights "
-                "(cursor stays at %d: those events are dropped)",
-                probe_kl,
-                self.config.max_probe_kl,
-                self.version,
-                self.progress.cursor,
-            )
-            return None
+            guard = "probe_kl"
+            reason = f"probe KL {probe_kl:.4f} > --max-probe-kl {self.config.max_probe_kl}"
+        else:
+            gate = self.gate()
+            if "refused" in gate:
+                guard, reason = "replay_gate", str(gate["refused"])
         metadata = {
             "objective": self.config.objective,
             "cursor": self.progress.cursor,
@@ -490,35 +543,55 @@ class Learner:
             **window,
             "baseline": self.progress.baseline,
             "probe_kl": probe_kl,
+            "gate": gate,
             "rejected_since_last": self.progress.rejected,
         }
+        if reason:
+            metadata["rejected"] = reason
         with self.registry.publish(self.info.name, metadata) as staging:
             self.model.save_pretrained(staging)
             torch.save(self.head.state_dict(), staging / HEAD_FILE)
-            torch.save(
-                {
-                    "cursor": self.progress.cursor,
-                    "silent_cursor": self.progress.silent_cursor,
-                    "baseline": self.progress.baseline,
-                    "prompt_baselines": self.progress.prompt_baselines,
-                    "steps": self.progress.steps,
-                    "samples": self.progress.samples,
-                    "optimizer": self.optimizer.state_dict(),
-                },
-                staging / STATE_FILE,
+            if not reason:  # what a restart resumes from; never a rejected version
+                torch.save(
+                    {
+                        "cursor": self.progress.cursor,
+                        "silent_cursor": self.progress.silent_cursor,
+                        "baseline": self.progress.baseline,
+                        "prompt_baselines": self.progress.prompt_baselines,
+                        "steps": self.progress.steps,
+                        "samples": self.progress.samples,
+                        "optimizer": self.optimizer.state_dict(),
+                    },
+                    staging / STATE_FILE,
+                )
+        published = self.registry.latest()
+        if reason:
+            self._restore()
+            self.progress.rejected += 1
+            metrics.GUARD_TRIPS.labels(guard).inc()
+            metrics.REJECTED.inc()
+            log.warning(
+                "%s rejected (%s); back to %s's weights (cursor stays at %d: those events "
+                "are dropped)",
+                published,
+                reason,
+                self.version,
+                self.progress.cursor,
             )
-        self.version = self.registry.latest()
+            return None
+        self.version = published
         self.progress.rejected = 0
         self._published = self._snapshot()
         metrics.PUBLISHED.inc()
         metrics.VERSION.set(version_number(self.version))
         log.info(
-            "published %s: cursor %d, %d steps, mean reward %s, probe KL %.3f",
+            "published %s: cursor %d, %d steps, mean reward %s, probe KL %.3f, gate %s",
             self.version,
             self.progress.cursor,
             self.progress.steps,
             metadata["window_mean_reward"],
             probe_kl,
+            gate.get("candidate_low", "not judged"),
         )
         return self.version
 

@@ -6,7 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 SAMPLES = Counter(
     "kaizen_learner_samples_total",
-    "Feedback events read, by whether they gave a reward",
+    "Feedback events read, by whether they gave a reward (held_out: the gate's slice)",
     ["rewarded"],
 )
 STEPS = Counter(
@@ -29,7 +29,8 @@ EXAMPLES = Counter(
 )
 GUARD_TRIPS = Counter(
     "kaizen_learner_guard_trips_total",
-    "Guards tripped: a dropped step (nonfinite_loss, nonfinite_grad) or a refused version",
+    "Guards tripped: a dropped step (nonfinite_loss, nonfinite_grad) or a refused version "
+    "(probe_kl, replay_gate)",
     ["guard"],
 )
 PROBE_KL = Gauge("kaizen_learner_probe_kl", "Mean per-token KL to the base on the probe set")
@@ -39,5 +40,5 @@ VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN publi
 
 for _result in ("ok", "nonfinite_loss", "nonfinite_grad"):  # so a first failure is a change
     STEPS.labels(_result)
-for _guard in ("nonfinite_loss", "nonfinite_grad", "probe_kl"):
+for _guard in ("nonfinite_loss", "nonfinite_grad", "probe_kl", "replay_gate"):
     GUARD_TRIPS.labels(_guard)

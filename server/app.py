@@ -18,6 +18,7 @@ from kaizen import modeling
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.events import Sampling
 from kaizen.registry import Registry
+from kaizen.rewards import load_rewards
 from kaizen.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -30,8 +31,9 @@ from server.config import ServeConfig
 from server.convert import Limits
 from server.engine import Engine
 from server.interceptor import ErrorInterceptor
+from server.rollout import Rollout
 from server.servicers import ChatService, FeedbackService, ModelService
-from server.weights import RegistryWatcher
+from server.weights import RegistryWatcher, read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class RunningServer:
     metrics_port: int
     engine: Engine
     watcher: RegistryWatcher
+    rollout: Rollout
     buffer: ReplayBuffer
     health: health.HealthServicer
     _metrics_http: object
@@ -65,6 +68,7 @@ class RunningServer:
 
 
 def start(config: ServeConfig) -> RunningServer:
+    rewards = load_rewards(config.rewards)  # a bad file fails before the model loads
     info = modeling.model_info(config.model)
     device = modeling.pick_device(config.device)
     dtype = modeling.pick_dtype(config.dtype, device)
@@ -84,9 +88,16 @@ def start(config: ServeConfig) -> RunningServer:
         max_queue=config.max_queue,
         max_queue_wait_s=config.max_queue_wait_s,
     )
-    watcher = RegistryWatcher(registry, engine, info.name, config.poll_registry_s)
-    watcher.check()  # serve the newest version from the first request on
-    engine.install_staged()
+    rollout = Rollout(
+        engine,
+        registry,
+        buffer,
+        lambda version: read_adapter(registry, version, info.name),
+        config.canary_policy(),
+        rewards,
+    )
+    watcher = RegistryWatcher(registry, engine, rollout, info.name, config.poll_registry_s)
+    watcher.resume()  # the promoted version (and a canary) from the first request on
     engine.start()
     watcher.start()
 
@@ -102,11 +113,23 @@ def start(config: ServeConfig) -> RunningServer:
         interceptors=[ErrorInterceptor()],
     )
     chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatService(engine, tokenizer, stop_ids, buffer, limits), server
+        ChatService(engine, tokenizer, stop_ids, buffer, limits, rollout), server
     )
-    feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackService(buffer), server)
+    feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
+        FeedbackService(buffer, rollout), server
+    )
     model_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(engine, info.name, str(config.model), time.time()), server
+        ModelService(
+            engine,
+            rollout,
+            registry,
+            watcher.rejected,
+            info.name,
+            str(config.model),
+            time.time(),
+            config.admin_token,
+        ),
+        server,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -126,6 +149,7 @@ def start(config: ServeConfig) -> RunningServer:
         metrics_http.server_port,
         engine,
         watcher,
+        rollout,
         buffer,
         health_servicer,
         metrics_http,

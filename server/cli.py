@@ -15,13 +15,27 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="answer chat requests over gRPC and log them for learning",
         description="Serve the model over gRPC (ChatService, FeedbackService, ModelService, "
         "health, reflection), record every answer and feedback event in the replay buffer, "
-        "and hot-swap each new version the learner publishes to the registry.",
+        "and hot-swap each new version the learner publishes to the registry: first as a "
+        "canary for --canary-share of users, promoted or rolled back by a sequential test "
+        "on their feedback.",
     )
     add_options(parser, ServeConfig)
-    parser.set_defaults(func=lambda args: _serve(from_options(ServeConfig, args)))
+    parser.set_defaults(func=lambda args: _serve(ServeConfig, args))
 
 
-def _serve(config) -> int:
+def _serve(cls, args) -> int:
+    import sys
+
+    from kaizen.rewards import RewardConfigError
     from server.app import serve
 
-    return serve(config)
+    try:
+        config = from_options(cls, args)
+    except ValueError as exc:  # a flag out of range: the message names it
+        print(f"kaizen serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return serve(config)
+    except RewardConfigError as exc:
+        print(f"kaizen serve: --rewards {exc}", file=sys.stderr)
+        return 2

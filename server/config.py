@@ -33,3 +33,49 @@ class ServeConfig:
     default_temperature: float = option(0.7, "temperature when a request sets no sampling")
     poll_registry_s: float = option(0.25, "how often the registry is checked for a new version")
     workers: int = option(32, "gRPC handler threads (concurrent RPCs in flight)")
+    canary_share: float = option(
+        0.1, "share of users (by user id hash) a new version serves first; 0 = no canary"
+    )
+    canary_alpha: float = option(
+        0.05, "the canary test's false-promotion rate (a worse version promoted)"
+    )
+    canary_margin: float = option(
+        0.02, "promote a canary not worse than the serving version by more than this reward"
+    )
+    canary_min_feedback: int = option(30, "rewarded feedback events per arm before a decision")
+    canary_max_feedback: int = option(
+        2000, "canary feedback events after which an undecided canary is rolled back"
+    )
+    canary_window_s: float = option(
+        3600.0, "seconds after which an undecided canary is rolled back"
+    )
+    rewards: Path | None = option(
+        None, "reward configuration (TOML) for the canary test; default: the shipped one"
+    )
+    admin_token: str = option(
+        "", "bearer token Promote and Rollback require ('authorization' metadata); '' = none"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.canary_share < 1:
+            raise ValueError(f"--canary-share: must be in [0, 1), got {self.canary_share}")
+        if not 0 < self.canary_alpha < 1:
+            raise ValueError(f"--canary-alpha: must be in (0, 1), got {self.canary_alpha}")
+        if self.canary_margin < 0:
+            raise ValueError(f"--canary-margin: must be 0 or more, got {self.canary_margin}")
+        if self.canary_min_feedback < 2:
+            raise ValueError(
+                f"--canary-min-feedback: must be at least 2, got {self.canary_min_feedback}"
+            )
+
+    def canary_policy(self):
+        from server.canary import CanaryPolicy
+
+        return CanaryPolicy(
+            share=self.canary_share,
+            alpha=self.canary_alpha,
+            margin=self.canary_margin,
+            min_feedback=self.canary_min_feedback,
+            max_feedback=self.canary_max_feedback,
+            window_s=self.canary_window_s,
+        )

@@ -59,6 +59,7 @@ class Request:
     prompt_ids: list[int]
     sampling: Sampling  # seed already resolved (never 0)
     version: str | None = None  # pin to this loaded version; None = the serving one
+    canary: bool = False  # (unpinned) decode with the canary version while there is one
     events: queue.Queue = field(default_factory=queue.Queue)  # Token* then Finished | Failed
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -340,9 +341,52 @@ class Engine:
                 self._staged[role] = adapter
 
     def newest_known(self) -> str:
+        """The newest version served, canaried or staged."""
         with self._staged_lock:
-            staged = self._staged.get("serving")
-        return staged.version if staged is not None else self.version
+            known = [a.version for a in self._staged.values() if a is not None]
+        known.append(self.version)
+        canary = self.canary
+        if canary is not None:
+            known.append(canary.version)
+        return max(known, key=version_number)
+
+    def restore(self, adapter: Adapter | None) -> None:
+        """Serve `adapter` (None: the base model) from the next step on, even though it is
+        older than the serving version: an operator's rollback."""
+        with self._staged_lock:
+            self._staged["restore"] = adapter
+
+    def wait_serving(self, version: str, timeout_s: float = 10.0) -> bool:
+        """Wait until the decode loop serves `version` (after `restore`)."""
+        deadline = time.monotonic() + timeout_s
+        while self.serving.version != version:
+            if time.monotonic() > deadline or not self._running.is_set():
+                return False
+            time.sleep(0.005)
+        return True
+
+    # -- rollout decisions (any thread; each is one atomic store the decode loop reads) --
+
+    def promote_canary(self, version: str) -> bool:
+        """The canary becomes the serving version; False if `version` is not the canary."""
+        canary = self.canary
+        if canary is None or canary.version != version:
+            return False
+        self.serving = Serving(canary.version, canary.adapter, time.time(), canary.install_ms)
+        self.canary = None
+        self.swaps += 1
+        metrics.SERVING_VERSION.set(version_number(version))
+        log.info("promoted canary %s to serving", version)
+        return True
+
+    def drop_canary(self, version: str) -> bool:
+        """Stop routing to the canary; its rows finish on it. False if it is not the canary."""
+        canary = self.canary
+        if canary is None or canary.version != version:
+            return False
+        self.canary = None
+        log.info("canary %s dropped", version)
+        return True
 
     # -- the decode thread -------------------------------------------------------------
 
@@ -402,7 +446,10 @@ class Engine:
                 continue
             if not r.admit():
                 continue  # expired while waiting: its caller already answered
-            version = r.version or self.serving.version
+            canary = self.canary
+            version = r.version or (
+                canary.version if r.canary and canary is not None else self.serving.version
+            )
             slot = self._slot_of(version)
             if slot is None:  # a pinned version retired while the request waited
                 r.events.put(Failed(Unavailable(f"version {version} is no longer served")))
@@ -513,15 +560,30 @@ class Engine:
     def install_staged(self) -> None:
         with self._staged_lock:
             staged, self._staged = self._staged, {}
+        if "restore" in staged:
+            self._restore(staged["restore"])
         for role in ("serving", "canary"):
             adapter = staged.get(role)
             if adapter is not None:
                 self._install_role(adapter, role)
 
-    def _install_role(self, adapter: Adapter, role: str) -> None:
-        current = self.serving if role == "serving" else self.canary
-        if role == "serving" and version_number(adapter.version) <= version_number(current.version):
+    def _restore(self, adapter: Adapter | None) -> None:
+        if adapter is None:
+            self.serving = Serving(BASE_VERSION, None, time.time())
+        elif self._slot_of(adapter.version) is None:
+            self._install_role(adapter, "serving", force=True)
             return
+        else:  # still in a slot (rows decoding on it): no copy needed
+            self.serving = Serving(adapter.version, adapter, time.time())
+        self.swaps += 1
+        metrics.SERVING_VERSION.set(version_number(self.serving.version))
+        log.info("restored %s as the serving version", self.serving.version)
+
+    def _install_role(self, adapter: Adapter, role: str, force: bool = False) -> None:
+        current = self.serving
+        if role == "serving" and not force:
+            if version_number(adapter.version) <= version_number(current.version):
+                return
         started = time.perf_counter()
         try:
             self._install(adapter)

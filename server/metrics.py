@@ -42,3 +42,26 @@ QUEUE_DEPTH = Gauge("kaizen_queue_depth", "Requests waiting for a batch")
 
 for _result in ("ok", "corrupt", "incompatible", "failed"):  # so a first failure is a change
     SWAPS.labels(_result)
+
+CANARY_VERSION = Gauge("kaizen_canary_version", "Number N of the canary version vN; 0 = none")
+CANARY_EVENTS = Counter(
+    "kaizen_canary_feedback_events_total",
+    "Rewarded feedback events counted by the running canary test, by arm",
+    ["arm"],
+)
+CANARY_MEAN_REWARD = Gauge(
+    "kaizen_canary_mean_reward", "Mean reward of each arm of the running canary test", ["arm"]
+)
+CANARY_DIFF = Gauge(
+    "kaizen_canary_reward_diff",
+    "Canary minus serving mean reward: the estimate and its always-valid interval",
+    ["bound"],
+)
+CANARY_DECISIONS = Counter(
+    "kaizen_canary_decisions_total",
+    "Rollout decisions, by decision (promote, rollback) and by whom (test, operator)",
+    ["decision", "by"],
+)
+for _decision in ("promote", "rollback"):
+    for _by in ("test", "operator"):
+        CANARY_DECISIONS.labels(_decision, _by)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import json
 import queue
 import time
 import uuid
@@ -12,9 +14,10 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kaizen.buffer import ReplayBuffer
-from kaizen.errors import InvalidArgument, Unavailable
+from kaizen.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from kaizen.events import Generation
 from kaizen.modeling import chat_prompt_ids
+from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry
 from kaizen.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -33,6 +36,7 @@ from server.convert import (
     sampling_from_pb,
 )
 from server.engine import Engine, Failed, Finished, Request, Serving, Token, resolve_seed
+from server.rollout import Rollout
 
 MAX_STREAM_EVENTS = 10_000
 
@@ -73,6 +77,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         stop_ids: set[int],
         buffer: ReplayBuffer,
         limits: Limits,
+        rollout: Rollout,
         request_timeout_s: float = 600.0,
     ) -> None:
         self.engine = engine
@@ -80,6 +85,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self.stop_ids = stop_ids
         self.buffer = buffer
         self.limits = limits
+        self.rollout = rollout
         self.request_timeout_s = request_timeout_s
 
     def _start(self, request: chat_pb2.GenerateRequest, context: grpc.ServicerContext):
@@ -88,7 +94,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         sampling = resolve_seed(sampling_from_pb(request, self.limits))
         prompt_ids = chat_prompt_ids(self.tokenizer, messages)
         check_context(len(prompt_ids), sampling, self.limits)
-        job = self.engine.submit(Request(prompt_ids=prompt_ids, sampling=sampling))
+        canary = self.rollout.route_to_canary(request.user_id)
+        job = self.engine.submit(Request(prompt_ids=prompt_ids, sampling=sampling, canary=canary))
         context.add_callback(job.cancel)  # client gone or deadline passed: free the row
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         return messages, job
@@ -142,6 +149,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         )
         # Durable before the caller sees response_id, so feedback can always be joined.
         self.buffer.append_generation(generation)
+        self.rollout.answered(generation.response_id, generation.model_version, text)
         return generation
 
     def Generate(self, request, context):
@@ -184,13 +192,15 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
 
 
 class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(self, buffer: ReplayBuffer) -> None:
+    def __init__(self, buffer: ReplayBuffer, rollout: Rollout) -> None:
         self.buffer = buffer
+        self.rollout = rollout
 
     def _store(self, events) -> feedback_pb2.FeedbackAck:
         result = self.buffer.append_feedback(events)
         for ev, new in zip(events, result.new, strict=True):  # counted once durable
             metrics.FEEDBACK.labels(str(ev.kind), "accepted" if new else "duplicate").inc()
+        self.rollout.observe([ev for ev, new in zip(events, result.new, strict=True) if new])
         return feedback_pb2.FeedbackAck(accepted=result.accepted, duplicates=result.duplicates)
 
     def SubmitFeedback(self, request, context):
@@ -230,12 +240,24 @@ def _served(record: Serving, state: str) -> model_pb2.ServedVersion:
 
 class ModelService(model_pb2_grpc.ModelServiceServicer):
     def __init__(
-        self, engine: Engine, base_model: str, base_model_path: str, started_at: float
+        self,
+        engine: Engine,
+        rollout: Rollout,
+        registry: Registry,
+        rejected: dict[str, str],
+        base_model: str,
+        base_model_path: str,
+        started_at: float,
+        admin_token: str = "",
     ) -> None:
         self.engine = engine
+        self.rollout = rollout
+        self.registry = registry
+        self.rejected = rejected  # the watcher's: versions that failed their checks
         self.base_model = base_model
         self.base_model_path = base_model_path
         self.started_at = started_at
+        self.admin_token = admin_token
 
     def GetModelInfo(self, request, context):
         engine = self.engine
@@ -250,3 +272,87 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             started_at=_timestamp(self.started_at),
             swaps=engine.swaps,
         )
+
+    def ListVersions(self, request, context):
+        return model_pb2.ListVersionsResponse(versions=self._versions())
+
+    def _versions(self) -> list[model_pb2.VersionInfo]:
+        engine, rollout = self.engine, self.rollout
+        serving = engine.version
+        canary = engine.canary
+        running = rollout.experiment
+        out = [
+            model_pb2.VersionInfo(
+                version=BASE_VERSION,
+                state="serving" if serving == BASE_VERSION else "retired",
+                reason="the base model",
+            )
+        ]
+        for version in self.registry.versions():
+            manifest = self.registry.manifest(version)
+            info = model_pb2.VersionInfo(
+                version=version,
+                parent=manifest.parent,
+                published_at=_timestamp(manifest.created_at),
+            )
+            record = self.registry.rollout(version)
+            evidence: dict[str, object] = {}
+            if gate := manifest.metadata.get("gate"):
+                evidence["gate"] = gate
+            if rejected := manifest.metadata.get("rejected"):
+                info.state, info.reason = "rejected", str(rejected)
+            elif version in self.rejected or version in engine.failed:
+                info.state = "rejected"
+                info.reason = self.rejected.get(version) or engine.failed[version]
+            elif version == serving:
+                info.state = "serving"
+                info.reason = str(record["reason"]) if record else ""
+            elif (canary is not None and canary.version == version) or (
+                running is not None and running.canary == version
+            ):
+                info.state, info.reason = "canary", "under test"
+            elif record is not None and record["state"] == ROLLED_BACK:
+                info.state, info.reason = "rolled_back", str(record["reason"])
+            elif record is not None and record["state"] == PROMOTED:
+                info.state, info.reason = "retired", f"replaced; {record['reason']}"
+            else:
+                info.state, info.reason = "pending", "waiting for its turn"
+            if running is not None and running.canary == version:
+                evidence["canary"] = running.evidence()
+            elif record is not None and record.get("evidence"):
+                evidence["canary"] = record["evidence"]
+            info.evidence_json = json.dumps(evidence, sort_keys=True) if evidence else ""
+            out.append(info)
+        return out
+
+    def _authorize(self, context) -> None:
+        if not self.admin_token:
+            return
+        given = dict(context.invocation_metadata()).get("authorization", "")
+        if not given:
+            raise Unauthenticated(
+                "authorization: this server needs 'authorization: Bearer <token>' metadata "
+                "for admin RPCs (--admin-token)"
+            )
+        if not hmac.compare_digest(given.removeprefix("Bearer ").strip(), self.admin_token):
+            raise PermissionDenied("authorization: the bearer token does not match --admin-token")
+
+    def _info(self, version: str) -> model_pb2.VersionInfo:
+        for info in self._versions():
+            if info.version == version:
+                return info
+        raise InvalidArgument("version", f"{version} is not published in the registry")
+
+    def Promote(self, request, context):
+        self._authorize(context)
+        if not request.version:
+            raise InvalidArgument("version", "required (e.g. v3)")
+        self.rollout.promote(request.version, request.reason)
+        return self._info(request.version)
+
+    def Rollback(self, request, context):
+        self._authorize(context)
+        if not request.version:
+            raise InvalidArgument("version", "required (e.g. v3)")
+        self.rollout.rollback(request.version, request.reason)
+        return self._info(request.version)

@@ -1,8 +1,10 @@
-"""Watches the registry and hands each new, verified version to the engine.
+"""Watches the registry and offers each new, verified, servable version to the rollout.
 
 Reading and checking a version (sha256 of every file against its manifest, base model
 identity) happens on this thread; the engine only installs tensors already in memory,
-between two batches. A version that fails a check is never served, and never retried.
+between two batches. A version that fails a check is never served, and never retried;
+nor is one the learner marked rejected or a server rolled back. The same thread lets the
+running canary test decide, at every poll.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import logging
 import threading
 
 from kaizen.errors import CorruptVersion
-from kaizen.registry import MANIFEST, Registry, version_number
+from kaizen.registry import BASE_VERSION, MANIFEST, Registry, version_number
 from server import metrics
 from server.engine import Adapter, Engine
+from server.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,12 @@ def read_adapter(registry: Registry, version: str, base_model: str) -> Adapter:
 
 
 class RegistryWatcher:
-    def __init__(self, registry: Registry, engine: Engine, base_model: str, poll_s: float) -> None:
+    def __init__(
+        self, registry: Registry, engine: Engine, rollout: Rollout, base_model: str, poll_s: float
+    ) -> None:
         self.registry = registry
         self.engine = engine
+        self.rollout = rollout
         self.base_model = base_model
         self.poll_s = poll_s
         self.rejected: dict[str, str] = {}  # version -> why it will never be served
@@ -60,18 +66,36 @@ class RegistryWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
+                self.rollout.tick()
                 self.check()
             except Exception:  # a broken registry must not kill the server: log, retry
                 log.exception("checking the registry at %s failed", self.registry.root)
 
+    def read(self, version: str) -> Adapter:
+        return read_adapter(self.registry, version, self.base_model)
+
+    def resume(self) -> None:
+        """At start: serve the version servers last promoted (v0 when none), at once."""
+        serving = self.registry.serving()
+        if serving != BASE_VERSION:
+            try:
+                self.engine.restore(self.read(serving))
+            except (CorruptVersion, OSError, ValueError) as exc:
+                log.error("cannot resume serving %s (%s); serving v0", serving, exc)
+        self.engine.install_staged()
+        self.check()
+        self.engine.install_staged()
+
     def check(self) -> None:
-        latest = self.registry.latest()
+        if self.rollout.busy:  # one canary at a time; the newest waiting one goes next
+            return
+        latest = self.registry.latest_servable()
         if latest in self.rejected or latest in self.engine.failed:
             return
         if version_number(latest) <= version_number(self.engine.newest_known()):
             return
         try:
-            adapter = read_adapter(self.registry, latest, self.base_model)
+            adapter = self.read(latest)
         except CorruptVersion as exc:
             self.rejected[latest] = str(exc)
             metrics.SWAPS.labels("corrupt").inc()
@@ -82,5 +106,5 @@ class RegistryWatcher:
             metrics.SWAPS.labels("incompatible").inc()
             log.error("not serving %s: %s", latest, exc)
             return
-        log.info("staging %s for the next batch boundary", latest)
-        self.engine.stage(adapter)
+        log.info("offering %s for the next batch boundary", latest)
+        self.rollout.offer(adapter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -51,6 +52,7 @@ def serve_config(tiny_model, tmp_path):
         max_new_tokens_cap=64,
         default_max_new_tokens=8,
         poll_registry_s=0.05,
+        canary_share=0.0,  # new versions serve everyone at once; canary tests set a share
     )
 
 
@@ -101,7 +103,16 @@ def ask(
     )
 
 
-def publish_random_adapter(registry: Registry, model_dir: Path, seed: int) -> str:
+def wait_until(condition, timeout_s: float = 30.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never came true in {timeout_s:g} s"
+        time.sleep(0.01)
+
+
+def publish_random_adapter(
+    registry: Registry, model_dir: Path, seed: int, metadata: dict | None = None
+) -> str:
     """Publish a LoRA adapter with random (non-zero) weights: it visibly changes the output."""
     from peft import LoraConfig, get_peft_model
 
@@ -113,7 +124,9 @@ def publish_random_adapter(registry: Registry, model_dir: Path, seed: int) -> st
             r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
         ),
     )
-    with registry.publish(modeling.model_info(model_dir).name, {"seed": seed}) as staging:
+    with registry.publish(
+        modeling.model_info(model_dir).name, {"seed": seed, **(metadata or {})}
+    ) as staging:
         peft_model.save_pretrained(staging)
     return registry.latest()
 

@@ -67,6 +67,7 @@ def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp
         str(metrics_port),
         "--poll-registry-s",
         "0.1",
+        *("--canary-share", "0"),
         log=serve_log,
     )
     learner = kaizen(

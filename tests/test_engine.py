@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-import time
 
 import grpc
 import pytest
@@ -18,7 +17,7 @@ from kaizen.events import Sampling
 from kaizen.v1 import chat_pb2_grpc
 from server.engine import Engine, Failed, Finished, Request, Token, WaitQueue
 from server.weights import read_adapter
-from tests.conftest import ask, publish_random_adapter
+from tests.conftest import ask, publish_random_adapter, wait_until
 from tests.test_swap import model_for, teacher_forced_logprobs
 
 CPU = torch.device("cpu")
@@ -58,13 +57,6 @@ def drain(request: Request, timeout_s: float = 60.0) -> tuple[list[Token], Finis
             return tokens, event
         else:
             raise AssertionError(f"request failed: {event}")
-
-
-def wait_until(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the engine never got there"
-        time.sleep(0.01)
 
 
 def test_a_request_joins_the_running_batch_instead_of_waiting_for_it(make_engine):

@@ -13,17 +13,17 @@ import torch
 from kaizen.buffer import SQLiteBuffer
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.registry import Registry
-from learner.config import LearnerConfig
-from learner.examples import Scored
-from learner.loop import Learner
-from learner.objectives import token_kl
-from learner.rewards import (
+from kaizen.rewards import (
     RewardConfig,
     RewardConfigError,
     load_rewards,
     reward,
     to_toml,
 )
+from learner.config import LearnerConfig
+from learner.examples import Scored
+from learner.loop import Learner
+from learner.objectives import token_kl
 from tests.conftest import policy_logprobs
 
 

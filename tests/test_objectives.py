@@ -15,7 +15,7 @@ from kaizen.preferences import concise, follow_up, likes_concise, likes_follow_u
 from kaizen.registry import Registry
 from learner import metrics
 from learner.config import LearnerConfig
-from learner.examples import Answer, Pair, Scored, Shaper, Target
+from learner.examples import Answer, Pair, Scored, Shaper, Target, collate
 from learner.judge import CommentJudge, labelled_comments
 from learner.loop import Learner
 from learner.objectives import (
@@ -137,7 +137,7 @@ def test_the_joint_feedback_head_learns_to_predict_rewards(config):
     def predicted() -> list[float]:
         learner.model.eval()
         answers = [Answer.of(good), Answer.of(bad)]
-        ids, attention, mask, behaviour, temperature = learner._collate(answers)
+        ids, attention, mask, behaviour, temperature = collate(answers, learner.tokenizer.pad_token_id, learner.device)
         with torch.no_grad():
             out = learner.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
             f = forward_terms(
@@ -249,9 +249,7 @@ def test_a_nonfinite_gradient_drops_the_step_and_is_counted(config):
 
 
 def test_the_probe_kl_guard_refuses_to_publish_and_restores_the_weights(config):
-    strict = Learner(
-        dataclasses.replace(config, objective="sft", max_probe_kl=1e-6, probe_prompts=2)
-    )
+    strict = Learner(dataclasses.replace(config, objective="sft", max_probe_kl=1e-6))
     g = sampled(strict, "r1", "Lyon is in France.")
     published = [p.detach().clone() for p in strict.params]
     train(strict, [(g, thumb(g, True))])
@@ -260,19 +258,24 @@ def test_the_probe_kl_guard_refuses_to_publish_and_restores_the_weights(config):
     trips = metrics.GUARD_TRIPS.labels("probe_kl")._value.get()
     assert strict.publish() is None
     assert metrics.GUARD_TRIPS.labels("probe_kl")._value.get() == trips + 1
-    assert Registry(config.registry).versions() == []  # never published
+    registry = Registry(config.registry)
+    # recorded for the record as rejected, with the reason: never served, never resumed
+    assert registry.versions() == ["v1"] and "probe KL" in registry.rejected("v1")
+    assert not registry.servable("v1") and registry.latest_accepted() == "v0"
+    assert strict.version == "v0"
     assert strict.probe_kl() == pytest.approx(0.0, abs=1e-6)  # back to the base weights
     assert all(torch.equal(a, b) for a, b in zip(published, strict.params, strict=True))
     assert strict.progress.cursor == 1 and strict.progress.rejected == 1
 
     # the same training under a loose bound publishes, and says how many were refused
-    loose = dataclasses.replace(config, objective="sft", max_probe_kl=10.0, probe_prompts=2)
+    loose = dataclasses.replace(config, objective="sft", max_probe_kl=10.0)
     strict.config = loose
     g2 = sampled(strict, "r2", "Lyon is in France.")
     train(strict, [(g2, thumb(g2, True))])
     strict.train_pending()
-    assert strict.publish() == "v1"
-    assert Registry(config.registry).manifest("v1").metadata["rejected_since_last"] == 1
+    assert strict.publish() == "v2"
+    assert registry.manifest("v2").metadata["rejected_since_last"] == 1
+    assert registry.latest_accepted() == registry.latest_servable() == "v2"
 
 
 def test_an_answer_nobody_reacted_to_gets_the_no_reaction_reward(config, tmp_path):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kaizen/v1/model.proto\x12\tkaizen.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13GetModelInfoRequest\"\xb8\x01\n\rServedVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x31\n\rserving_since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cpublished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\ninstall_ms\x18\x06 \x01(\x01\"\xa3\x01\n\tModelInfo\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61se_model_path\x18\x02 \x01(\t\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.kaizen.v1.ServedVersion\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05swaps\x18\x05 \x01(\r2T\n\x0cModelService\x12\x44\n\x0cGetModelInfo\x12\x1e.kaizen.v1.GetModelInfoRequest\x1a\x14.kaizen.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kaizen/v1/model.proto\x12\tkaizen.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13GetModelInfoRequest\"\xb8\x01\n\rServedVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x31\n\rserving_since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cpublished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\ninstall_ms\x18\x06 \x01(\x01\"\xa3\x01\n\tModelInfo\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61se_model_path\x18\x02 \x01(\t\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.kaizen.v1.ServedVersion\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05swaps\x18\x05 \x01(\r\"\x15\n\x13ListVersionsRequest\"\x96\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x30\n\x0cpublished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x15\n\revidence_json\x18\x06 \x01(\t\"@\n\x14ListVersionsResponse\x12(\n\x08versions\x18\x01 \x03(\x0b\x32\x16.kaizen.v1.VersionInfo\"1\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xa3\x02\n\x0cModelService\x12\x44\n\x0cGetModelInfo\x12\x1e.kaizen.v1.GetModelInfoRequest\x1a\x14.kaizen.v1.ModelInfo\x12O\n\x0cListVersions\x12\x1e.kaizen.v1.ListVersionsRequest\x1a\x1f.kaizen.v1.ListVersionsResponse\x12<\n\x07Promote\x12\x19.kaizen.v1.PromoteRequest\x1a\x16.kaizen.v1.VersionInfo\x12>\n\x08Rollback\x12\x1a.kaizen.v1.RollbackRequest\x1a\x16.kaizen.v1.VersionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEDVERSION']._serialized_end=277
   _globals['_MODELINFO']._serialized_start=280
   _globals['_MODELINFO']._serialized_end=443
-  _globals['_MODELSERVICE']._serialized_start=445
-  _globals['_MODELSERVICE']._serialized_end=529
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=445
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=466
+  _globals['_VERSIONINFO']._serialized_start=469
+  _globals['_VERSIONINFO']._serialized_end=619
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=621
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=685
+  _globals['_PROMOTEREQUEST']._serialized_start=687
+  _globals['_PROMOTEREQUEST']._serialized_end=736
+  _globals['_ROLLBACKREQUEST']._serialized_start=738
+  _globals['_ROLLBACKREQUEST']._serialized_end=788
+  _globals['_MODELSERVICE']._serialized_start=791
+  _globals['_MODELSERVICE']._serialized_end=1082
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,21 @@ class ModelServiceStub:
                 request_serializer=kaizen_dot_v1_dot_model__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=kaizen_dot_v1_dot_model__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/kaizen.v1.ModelService/ListVersions',
+                request_serializer=kaizen_dot_v1_dot_model__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=kaizen_dot_v1_dot_model__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/kaizen.v1.ModelService/Promote',
+                request_serializer=kaizen_dot_v1_dot_model__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=kaizen_dot_v1_dot_model__pb2.VersionInfo.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/kaizen.v1.ModelService/Rollback',
+                request_serializer=kaizen_dot_v1_dot_model__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=kaizen_dot_v1_dot_model__pb2.VersionInfo.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -50,6 +65,29 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVersions(self, request, context):
+        """Every version the registry holds, with its state and the evidence behind it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Serve a version to everyone now: the running canary, or any servable version.
+        Needs `authorization: Bearer <token>` metadata when the server has --admin-token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Stop serving a version: the canary, or the serving version (the last promoted one
+        before it takes its place). Same authorization as Promote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +95,21 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=kaizen_dot_v1_dot_model__pb2.GetModelInfoRequest.FromString,
                     response_serializer=kaizen_dot_v1_dot_model__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=kaizen_dot_v1_dot_model__pb2.ListVersionsRequest.FromString,
+                    response_serializer=kaizen_dot_v1_dot_model__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=kaizen_dot_v1_dot_model__pb2.PromoteRequest.FromString,
+                    response_serializer=kaizen_dot_v1_dot_model__pb2.VersionInfo.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=kaizen_dot_v1_dot_model__pb2.RollbackRequest.FromString,
+                    response_serializer=kaizen_dot_v1_dot_model__pb2.VersionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +139,87 @@ class ModelService:
             '/kaizen.v1.ModelService/GetModelInfo',
             kaizen_dot_v1_dot_model__pb2.GetModelInfoRequest.SerializeToString,
             kaizen_dot_v1_dot_model__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kaizen.v1.ModelService/ListVersions',
+            kaizen_dot_v1_dot_model__pb2.ListVersionsRequest.SerializeToString,
+            kaizen_dot_v1_dot_model__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kaizen.v1.ModelService/Promote',
+            kaizen_dot_v1_dot_model__pb2.PromoteRequest.SerializeToString,
+            kaizen_dot_v1_dot_model__pb2.VersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kaizen.v1.ModelService/Rollback',
+            kaizen_dot_v1_dot_model__pb2.RollbackRequest.SerializeToString,
+            kaizen_dot_v1_dot_model__pb2.VersionInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,6 @@
 """Feedback → scalar reward in [−1, 1], configured by one TOML file.
 
-`learner/rewards.toml` is the documented default; `kaizen learn --rewards FILE` reads
+`kaizen/data/rewards.toml` is the documented default; `kaizen learn --rewards FILE` reads
 another with the same keys (any it leaves out keep their default). Per kind of feedback:
 
 | kind       | reward                                            | why                    |
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from kaizen.events import Feedback, FeedbackKind, Generation
 
-DEFAULT_FILE = Path(__file__).with_name("rewards.toml")
+DEFAULT_FILE = Path(__file__).parent / "data" / "rewards.toml"
 
 
 @dataclass(frozen=True)
@@ -122,15 +122,19 @@ def reward(
     generation: Generation | None = None,
     now: float | None = None,
     comment_score: float | None = None,
+    words: int | None = None,
 ) -> float | None:
     """The reward one feedback event gives its answer, or None when it gives none.
 
     `generation` (the answer) normalises dwell time by its length and dates it for the
-    decay; without it, dwell is measured against `min_read_s` and nothing decays.
+    decay; without it, dwell is measured against the answer's `words` when given (else
+    `min_read_s`) and nothing decays.
     `comment_score` is the judge's verdict on a comment's text; without it a comment
     gives no reward.
     """
-    r = _raw(feedback, config, generation, comment_score)
+    if generation is not None:
+        words = len(generation.text.split())
+    r = _raw(feedback, config, words or 0, comment_score)
     if r is None:
         return None
     if config.half_life_s > 0 and generation is not None and now is not None:
@@ -140,7 +144,7 @@ def reward(
 
 
 def _raw(
-    feedback: Feedback, c: RewardConfig, generation: Generation | None, comment_score: float | None
+    feedback: Feedback, c: RewardConfig, words: int, comment_score: float | None
 ) -> float | None:
     match feedback.kind:
         case FeedbackKind.THUMB:
@@ -152,7 +156,6 @@ def _raw(
         case FeedbackKind.CLICK:
             return c.click
         case FeedbackKind.DWELL:
-            words = len(generation.text.split()) if generation is not None else 0
             read_s = max(c.min_read_s, words / c.reading_words_per_s)
             return c.dwell * min(1.0, feedback.value / 1000.0 / read_s)
         case FeedbackKind.REGENERATE:

@@ -1,0 +1,211 @@
+"""Safe rollout: which version serves whom, the canary's evidence, promote and roll back.
+
+The registry watcher offers each new servable version here. With `--canary-share 0` it
+is served to everyone at once. Otherwise it becomes the canary for a sticky share of
+users (see `server.canary`) while one experiment runs at a time; versions published
+meanwhile wait, and the newest of them is the next canary. Live feedback on answers from
+either arm feeds the sequential test; its decision, and any operator's Promote or
+Rollback, is applied to the engine, written to the registry (`rollout/vN.json`, which
+is what a restarted server and the learner's gate read) and exported as metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from kaizen.buffer import ReplayBuffer
+from kaizen.errors import FailedPrecondition, InvalidArgument
+from kaizen.events import Feedback
+from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
+from kaizen.rewards import RewardConfig, reward
+from server import metrics
+from server.canary import CanaryPolicy, Experiment, in_canary
+from server.engine import Adapter, Engine
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED = 100_000  # answers whose version is known without asking the buffer
+
+
+class Rollout:
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Registry,
+        buffer: ReplayBuffer,
+        read: Callable[[str], Adapter],
+        policy: CanaryPolicy,
+        rewards: RewardConfig,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.buffer = buffer
+        self.read = read  # version -> verified adapter
+        self.policy = policy
+        self.rewards = rewards
+        self.experiment: Experiment | None = None
+        self.history: dict[str, Experiment] = {}  # every canary this process ran
+        self._answers: collections.OrderedDict[str, tuple[str, int]] = (
+            collections.OrderedDict()
+        )  # response_id -> (version, words)
+        self._lock = threading.RLock()
+
+    # -- routing and evidence (RPC threads) --------------------------------------------
+
+    def route_to_canary(self, user_id: str) -> bool:
+        return self.policy.share > 0 and in_canary(user_id, self.policy.share)
+
+    def answered(self, response_id: str, version: str, text: str) -> None:
+        with self._lock:
+            self._answers[response_id] = (version, len(text.split()))
+            while len(self._answers) > MAX_REMEMBERED:
+                self._answers.popitem(last=False)
+
+    def observe(self, events: Sequence[Feedback]) -> None:
+        """Count durable, new feedback events towards the running experiment."""
+        experiment = self.experiment
+        if experiment is None:
+            return
+        for ev in events:
+            with self._lock:
+                known = self._answers.get(ev.response_id)
+            if known is None:
+                g = self.buffer.generation(ev.response_id)
+                if g is None:
+                    continue
+                known = (g.model_version, len(g.text.split()))
+            version, words = known
+            if version not in experiment.arms:
+                continue
+            r = reward(ev, self.rewards, words=words)
+            if r is not None:
+                experiment.add(version, r)
+                metrics.CANARY_EVENTS.labels(
+                    "canary" if version == experiment.canary else "serving"
+                ).inc()
+
+    # -- the watcher's thread ----------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """An experiment is running: new versions wait."""
+        return self.experiment is not None
+
+    def offer(self, adapter: Adapter) -> None:
+        """A new, verified, servable version: serve it, or start its canary."""
+        with self._lock:
+            if self.policy.share <= 0:
+                self.engine.stage(adapter)
+                self.registry.record_rollout(
+                    adapter.version, PROMOTED, "no canary (--canary-share 0)"
+                )
+                return
+            self.engine.stage(adapter, role="canary")
+            self.experiment = Experiment(adapter.version, self.engine.version, self.policy)
+            self.history[adapter.version] = self.experiment
+            metrics.CANARY_VERSION.set(version_number(adapter.version))
+            log.info(
+                "canary %s for %.0f %% of users, against %s",
+                adapter.version,
+                100 * self.policy.share,
+                self.engine.version,
+            )
+
+    def tick(self, now: float | None = None) -> str:
+        """Let the running experiment decide; apply its decision. Returns it ("" if none)."""
+        with self._lock:
+            experiment = self.experiment
+            if experiment is None:
+                return ""
+            self._export(experiment)
+            decision = experiment.decide(now)
+            if decision:
+                self._apply(experiment, decision, experiment.reason, by="test")
+            return decision
+
+    def _export(self, e: Experiment) -> None:
+        diff, low, high = e.interval()
+        metrics.CANARY_DIFF.labels("estimate").set(diff)
+        metrics.CANARY_DIFF.labels("low").set(max(low, -2.0))
+        metrics.CANARY_DIFF.labels("high").set(min(high, 2.0))
+        for arm, version in (("canary", e.canary), ("serving", e.serving)):
+            metrics.CANARY_MEAN_REWARD.labels(arm).set(e.arms[version].mean)
+
+    def _apply(self, e: Experiment, decision: str, reason: str, by: str) -> None:
+        version = e.canary
+        if decision == "promote":
+            if not self.engine.promote_canary(version):
+                # not installed yet (or it failed): the evidence is about the serving arm
+                log.warning("canary %s was not installed; nothing to promote", version)
+            self.registry.record_rollout(version, PROMOTED, reason, e.evidence())
+        else:
+            self.engine.drop_canary(version)
+            self.registry.record_rollout(version, ROLLED_BACK, reason, e.evidence())
+        metrics.CANARY_DECISIONS.labels(decision, by).inc()
+        metrics.CANARY_VERSION.set(0)
+        log.info("canary %s: %s (%s) — %s", version, decision, by, reason)
+        self.experiment = None
+
+    # -- operators (admin RPCs) --------------------------------------------------------
+
+    def _check_known(self, version: str) -> None:
+        try:
+            version_number(version)
+        except ValueError as exc:
+            raise InvalidArgument("version", str(exc)) from None
+        if version != BASE_VERSION and version not in self.registry.versions():
+            raise InvalidArgument("version", f"{version} is not published in the registry")
+
+    def promote(self, version: str, reason: str) -> None:
+        """Serve `version` to everyone now: the running canary, or any servable version."""
+        self._check_known(version)
+        reason = reason or "promoted by an operator"
+        with self._lock:
+            e = self.experiment
+            if e is not None and e.canary == version:
+                e.decision, e.reason, e.decided_at = "promote", reason, time.time()
+                self._apply(e, "promote", reason, by="operator")
+                return
+            if version == self.engine.version:
+                raise FailedPrecondition("version", f"{version} is already the serving version")
+            if rejected := self.registry.rejected(version):
+                raise FailedPrecondition(
+                    "version", f"{version} was rejected by the learner ({rejected}); not served"
+                )
+            self.engine.restore(None if version == BASE_VERSION else self.read(version))
+            self.engine.wait_serving(version)
+            if version != BASE_VERSION:
+                self.registry.record_rollout(version, PROMOTED, reason)
+            metrics.CANARY_DECISIONS.labels("promote", "operator").inc()
+
+    def rollback(self, version: str, reason: str) -> str:
+        """Stop serving `version` (the canary, or the serving version); returns the version
+        that now serves its users."""
+        self._check_known(version)
+        reason = reason or "rolled back by an operator"
+        with self._lock:
+            e = self.experiment
+            if e is not None and e.canary == version:
+                e.decision, e.reason, e.decided_at = "rollback", reason, time.time()
+                self._apply(e, "rollback", reason, by="operator")
+                return self.engine.version
+            if version != self.engine.version:
+                raise FailedPrecondition(
+                    "version",
+                    f"{version} is neither the serving version ({self.engine.version}) "
+                    "nor the canary",
+                )
+            if version == BASE_VERSION:
+                raise FailedPrecondition("version", "v0 is the base model: nothing to roll back to")
+            if e is not None:  # the canary ran against the version going away: stop it too
+                self._apply(e, "rollback", f"its baseline {version} was rolled back", by="operator")
+            self.registry.record_rollout(version, ROLLED_BACK, reason)
+            previous = self.registry.serving()
+            self.engine.restore(None if previous == BASE_VERSION else self.read(previous))
+            self.engine.wait_serving(previous)
+            metrics.CANARY_DECISIONS.labels("rollback", "operator").inc()
+            return previous

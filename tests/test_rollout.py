@@ -1,0 +1,164 @@
+"""Safe rollout in a running server: canary routing, the test's decisions, admin RPCs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import grpc
+import pytest
+
+from kaizen.registry import PROMOTED, ROLLED_BACK, Registry
+from kaizen.v1 import chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc, model_pb2, model_pb2_grpc
+from server.canary import in_canary
+from tests.conftest import ask, publish_random_adapter, wait_until
+
+USERS = [f"user-{i}" for i in range(40)]
+
+
+@pytest.fixture
+def rollout_server(serve_config):
+    """Start a server with rollout settings; stopped at the end of the test."""
+    from server.app import start
+
+    started = []
+
+    def make(**changes):
+        running = start(replace(serve_config, **changes))
+        started.append(running)
+        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        grpc.channel_ready_future(channel).result(timeout=10)
+        running.chat = chat_pb2_grpc.ChatServiceStub(channel)
+        running.feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        running.model = model_pb2_grpc.ModelServiceStub(channel)
+        running.channel = channel
+        return running
+
+    yield make
+    for running in started:
+        running.channel.close()
+        running.stop(grace_s=1)
+
+
+def versions(running) -> dict[str, model_pb2.VersionInfo]:
+    listed = running.model.ListVersions(model_pb2.ListVersionsRequest()).versions
+    return {v.version: v for v in listed}
+
+
+def chat_everyone(running) -> dict[str, object]:
+    return {u: running.chat.Generate(ask(user_id=u, seed=i + 1)) for i, u in enumerate(USERS)}
+
+
+def thumbs(running, answers, up) -> None:
+    """A thumb from each user on their answer: up where `up(answer)` says so."""
+    for u, a in answers.items():
+        running.feedback.SubmitFeedback(
+            feedback_pb2.Feedback(
+                event_id=f"e-{a.response_id}",
+                response_id=a.response_id,
+                user_id=u,
+                thumb=feedback_pb2.THUMB_UP if up(a) else feedback_pb2.THUMB_DOWN,
+            )
+        )
+
+
+def test_a_canary_serves_its_sticky_share_and_good_feedback_promotes_it(
+    rollout_server, tiny_model
+):
+    running = rollout_server(canary_share=0.5, canary_min_feedback=8, canary_margin=0.5)
+    registry = Registry(running.watcher.registry.root)
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    wait_until(lambda: running.engine.canary is not None, what="the canary install")
+    assert versions(running)[v1].state == "canary"
+
+    answers = chat_everyone(running)
+    for u, a in answers.items():  # the same users, in the same batches, on their version
+        assert a.model_version == (v1 if in_canary(u, 0.5) else "v0"), u
+    again = running.chat.Generate(ask(user_id=USERS[0], seed=99))
+    assert again.model_version == answers[USERS[0]].model_version
+
+    thumbs(running, answers, up=lambda a: True)  # as good as the serving version
+    wait_until(lambda: running.engine.version == v1, what="the promotion")
+    assert running.engine.canary is None
+    assert registry.rollout(v1)["state"] == PROMOTED
+    listed = versions(running)
+    assert listed[v1].state == "serving" and listed["v0"].state == "retired"
+    evidence = json.loads(listed[v1].evidence_json)["canary"]
+    assert evidence["decision"] == "promote" and evidence["arms"][v1]["n"] >= 8
+    assert running.chat.Generate(ask(user_id=USERS[1])).model_version == v1
+
+
+def test_bad_feedback_rolls_the_canary_back_and_it_is_never_served_again(
+    rollout_server, tiny_model
+):
+    running = rollout_server(canary_share=0.5, canary_min_feedback=8)
+    registry = Registry(running.watcher.registry.root)
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    wait_until(lambda: running.engine.canary is not None, what="the canary install")
+    for _ in range(2):
+        answers = chat_everyone(running)
+        thumbs(running, answers, up=lambda a: a.model_version != v1)
+    wait_until(lambda: registry.rollout(v1) is not None, what="the rollback")
+    assert registry.rollout(v1)["state"] == ROLLED_BACK
+    assert running.engine.version == "v0" and running.engine.canary is None
+    listed = versions(running)
+    assert listed[v1].state == "rolled_back" and "worse than v0" in listed[v1].reason
+    assert all(a.model_version == "v0" for a in chat_everyone(running).values())
+
+    v2 = publish_random_adapter(registry, tiny_model, seed=2)  # the next one gets its turn
+    wait_until(lambda: running.engine.canary is not None, what="the next canary")
+    served = {a.model_version for a in chat_everyone(running).values()}
+    assert served == {"v0", v2}
+
+
+def test_a_version_the_learner_rejected_is_listed_with_its_reason_and_never_served(
+    rollout_server, tiny_model
+):
+    running = rollout_server()  # no canary: anything servable would be served at once
+    registry = Registry(running.watcher.registry.root)
+    reason = "replay gate: snips lower bound -0.400 is below v0's +0.100"
+    v1 = publish_random_adapter(registry, tiny_model, seed=1, metadata={"rejected": reason})
+    v2 = publish_random_adapter(registry, tiny_model, seed=2)
+    wait_until(lambda: running.engine.version == v2, what="serving v2")
+    listed = versions(running)
+    assert (listed[v1].state, listed[v1].reason) == ("rejected", reason)
+    with pytest.raises(grpc.RpcError) as refused:
+        running.model.Promote(model_pb2.PromoteRequest(version=v1))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_admin_rpcs_need_the_token_and_roll_back_to_the_last_promoted_version(
+    rollout_server, tiny_model
+):
+    running = rollout_server(admin_token="s3cret")
+    registry = Registry(running.watcher.registry.root)
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    v2 = publish_random_adapter(registry, tiny_model, seed=2)
+    wait_until(lambda: running.engine.version == v2, what="serving v2")
+    rollback = model_pb2.RollbackRequest(version=v2, reason="users complain")
+    for metadata, code in (
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            running.model.Rollback(rollback, metadata=metadata)
+        assert refused.value.code() == code
+        assert "authorization" in refused.value.details()
+    token = (("authorization", "Bearer s3cret"),)
+
+    info = running.model.Rollback(rollback, metadata=token)
+    assert (info.state, info.reason) == ("rolled_back", "users complain")
+    wait_until(lambda: running.engine.version == v1, what="the rollback to v1")
+    assert running.chat.Generate(ask()).model_version == v1
+
+    running.model.Promote(model_pb2.PromoteRequest(version=v2), metadata=token)  # override
+    wait_until(lambda: running.engine.version == v2, what="the promotion of v2")
+    for request, field in (
+        (model_pb2.PromoteRequest(version="v9"), "version"),
+        (model_pb2.PromoteRequest(version="latest"), "version"),
+        (model_pb2.PromoteRequest(), "version"),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            running.model.Promote(request, metadata=token)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details().startswith(field)
