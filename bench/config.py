@@ -61,6 +61,11 @@ class LearnBench:
     learner_args: str = option(
         "", "extra flags for kaizen learn, e.g. '--lr 3e-4 --publish-every 48'"
     )
+    server_args: str = option(
+        "",
+        "extra flags for kaizen serve, e.g. '--canary-share 0.2' (default: no canary, every "
+        "version serves everyone at once)",
+    )
     dtype: str = option("auto", DTYPE_HELP, DTYPES)
     out: Path = option(Path("kaizen-data/bench-learn"), "directory for the run's data and PNG")
     seed: int = option(0, "seed of the simulated users")

@@ -17,7 +17,6 @@ import math
 import shlex
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from kaizen.preferences import load_preference
 from kaizen.registry import BASE_VERSION, Registry, version_number
 from kaizen.simulate import Simulator, Tally, heldout_answers, load_prompts
 from learner.objectives import token_kl
+from learner.replay import general_text_windows, perplexity
 
 
 def run(config: LearnBench) -> dict[str, object]:
@@ -49,7 +49,10 @@ def run(config: LearnBench) -> dict[str, object]:
     started = time.monotonic()
     sample = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
 
-    with kaizen_server(config.model, out, 16, config.max_new_tokens, config.dtype) as server:
+    server_args = shlex.split(config.server_args)
+    with kaizen_server(
+        config.model, out, 16, config.max_new_tokens, config.dtype, server_args
+    ) as server:
         say(f"measuring the base model on {len(heldout)} held-out prompts")
         before = heldout_answers(server.channel, heldout, **sample)
         learner = start_kaizen(
@@ -99,9 +102,12 @@ def run(config: LearnBench) -> dict[str, object]:
         if learner_exit != 0:
             raise RuntimeError(f"kaizen learn exited with {learner_exit}: see {out}/learn.log")
         registry = Registry(server.registry_dir)
-        final = registry.latest()
-        if final != BASE_VERSION:
-            wait_serving_version(server.channel, final)
+        if _canary(server_args):  # measure what the rollout decided to serve
+            final = _serving(server.channel)
+        else:
+            final = registry.latest_servable()  # a candidate a guard refused is never served
+            if final != BASE_VERSION:
+                wait_serving_version(server.channel, final)
         say(f"measuring {final} on the held-out prompts")
         after = heldout_answers(server.channel, heldout, **sample)
 
@@ -109,8 +115,8 @@ def run(config: LearnBench) -> dict[str, object]:
     rate_after = sum(liked(p, a) for p, a, _ in after) / len(after)
     say("perplexity and KL to the base model, in fp32")
     drift = _drift(config.model, registry, final, after)
-    versions = registry.versions()
-    manifests = [registry.manifest(v).metadata for v in versions]
+    manifests = [registry.manifest(v).metadata for v in registry.versions()]
+    accepted = [m for m in manifests if not m.get("rejected")]
     curve = _curve(tally, rate_before, rate_after, final, config, out / "learning_curve.png")
     return {
         "preference": config.preference,
@@ -121,10 +127,11 @@ def run(config: LearnBench) -> dict[str, object]:
         "liked_rate_after": round(rate_after, 4),
         "liked_rate_change_pts": round(100 * (rate_after - rate_before), 1),
         "heldout_prompts": len(heldout),
-        "versions_published": len(versions),
+        "versions_published": len(accepted),
         "final_version": final,
-        "versions_rejected": sum(int(m.get("rejected_since_last", 0)) for m in manifests),
-        "learner_steps": int(manifests[-1].get("steps", 0)) if manifests else 0,
+        "versions_rejected": len(manifests) - len(accepted),
+        "rejected_because": [m["rejected"] for m in manifests if m.get("rejected")],
+        "learner_steps": int(accepted[-1].get("steps", 0)) if accepted else 0,
         "kl_to_reference": drift["kl_to_reference"],
         "perplexity_base": drift["perplexity_base"],
         "perplexity_final": drift["perplexity_final"],
@@ -135,7 +142,62 @@ def run(config: LearnBench) -> dict[str, object]:
         "wall_s": round(time.monotonic() - started, 1),
         "learning_curve_png": str(out / "learning_curve.png"),
         "learner_args": config.learner_args,
+        "server_args": config.server_args,
+        "rollout": _rollout(registry, out / "buffer.db") if _canary(server_args) else None,
     }
+
+
+def _canary(server_args: list[str]) -> bool:
+    for i, flag in enumerate(server_args[:-1]):
+        if flag == "--canary-share":
+            return float(server_args[i + 1]) > 0
+    return False
+
+
+def _serving(channel) -> str:
+    from kaizen.v1 import model_pb2, model_pb2_grpc
+
+    info = model_pb2_grpc.ModelServiceStub(channel).GetModelInfo(model_pb2.GetModelInfoRequest())
+    return info.versions[0].version
+
+
+def _rollout(registry: Registry, buffer: Path) -> dict[str, dict[str, object]]:
+    """Per published version: what the canary test decided, and the share of all answers
+    the version gave while it was under test (never more than the canary share, unless
+    it was promoted)."""
+    import sqlite3
+
+    db = sqlite3.connect(buffer)
+    report = {}
+    for version in registry.versions():
+        record = registry.rollout(version)
+        row: dict[str, object] = {
+            "state": "rejected_by_learner" if registry.rejected(version) else "not_decided"
+        }
+        if record is not None:
+            evidence = record.get("evidence") or {}
+            row = {"state": record["state"], "reason": record["reason"]}
+            if "started_at" in evidence:
+                start, end = evidence["started_at"], record["at"]
+                total, mine = db.execute(
+                    "SELECT COUNT(*), SUM(model_version = ?) FROM generations"
+                    " WHERE created_at BETWEEN ? AND ?",
+                    (version, start, end),
+                ).fetchone()
+                row.update(
+                    canary_s=round(end - start, 1),
+                    answers_while_canary=total,
+                    share_while_canary=round((mine or 0) / total, 4) if total else None,
+                    arms=evidence.get("arms"),
+                    diff=evidence.get("diff"),
+                    interval=[evidence.get("low"), evidence.get("high")],
+                )
+        row["answers"] = db.execute(
+            "SELECT COUNT(*) FROM generations WHERE model_version = ?", (version,)
+        ).fetchone()[0]
+        report[version] = row
+    db.close()
+    return report
 
 
 def _wait_learner(learner, log: Path, timeout_s: float = 300.0) -> None:
@@ -160,10 +222,8 @@ def _drift(
     device = torch.device("cpu")
     tokenizer = modeling.load_tokenizer(model_dir)
     base = modeling.load_model(model_dir, device, torch.float32)
-    text = (resources.files("kaizen") / "data" / "general_text.txt").read_text()
-    tokens = tokenizer.encode(text, add_special_tokens=False)
-    windows = [tokens[i : i + 256] for i in range(0, len(tokens) - 16, 256)]
-    ppl_base = _perplexity(base, windows)
+    windows = general_text_windows(tokenizer)
+    ppl_base = perplexity(base, windows)
     if final == BASE_VERSION:
         return {
             "kl_to_reference": 0.0,
@@ -172,7 +232,7 @@ def _drift(
             "perplexity_change_pct": 0.0,
         }
     model = PeftModel.from_pretrained(base, registry.path(final)).eval()
-    ppl_final = _perplexity(model, windows)
+    ppl_final = perplexity(model, windows)
     kls, counts = [], []
     with torch.no_grad():
         for prompt, answer, _ in answers:
@@ -193,17 +253,6 @@ def _drift(
         "perplexity_final": round(ppl_final, 3),
         "perplexity_change_pct": round(100 * (ppl_final / ppl_base - 1), 2),
     }
-
-
-@torch.no_grad()
-def _perplexity(model, windows: list[list[int]]) -> float:
-    nll, n = 0.0, 0
-    for w in windows:
-        ids = torch.tensor([w])
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        n += len(w) - 1
-    return math.exp(nll / n)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

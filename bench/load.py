@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,9 +77,15 @@ class ServerProcess:
 
 @contextmanager
 def kaizen_server(
-    model: Path, workdir: Path, max_batch: int, new_tokens: int, dtype: str
+    model: Path,
+    workdir: Path,
+    max_batch: int,
+    new_tokens: int,
+    dtype: str,
+    extra: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """Start `kaizen serve` in `workdir` (absolute), wait for SERVING; SIGTERM it on exit."""
+    """Start `kaizen serve` in `workdir` (absolute), wait for SERVING; SIGTERM it on exit.
+    `extra` flags come last, so they override the defaults here."""
     port = free_port()
     args = [
         "serve",
@@ -101,6 +107,7 @@ def kaizen_server(
         str(max(512, new_tokens)),
         "--dtype",
         dtype,
+        *extra,
     ]
     process = start_kaizen(args, workdir / "serve.log")
     server = ServerProcess(process, grpc.insecure_channel(f"127.0.0.1:{port}"), workdir)

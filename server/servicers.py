@@ -17,7 +17,7 @@ from kaizen.buffer import ReplayBuffer
 from kaizen.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from kaizen.events import Generation
 from kaizen.modeling import chat_prompt_ids
-from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry
+from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -315,8 +315,12 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
                 info.state, info.reason = "rolled_back", str(record["reason"])
             elif record is not None and record["state"] == PROMOTED:
                 info.state, info.reason = "retired", f"replaced; {record['reason']}"
+            elif version_number(version) > max(
+                version_number(serving), version_number(canary.version) if canary else 0
+            ):
+                info.state, info.reason = "pending", "waiting for its turn as canary"
             else:
-                info.state, info.reason = "pending", "waiting for its turn"
+                info.state, info.reason = "skipped", "a newer version went first"
             if running is not None and running.canary == version:
                 evidence["canary"] = running.evidence()
             elif record is not None and record.get("evidence"):

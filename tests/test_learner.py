@@ -168,6 +168,7 @@ def learner_config(tiny_model, tmp_path):
         metrics_port=-1,
         batch_wait_s=0.0,
         poll_s=0.05,
+        gate_holdout=0.0,  # every event trains; the gate's own tests hold some out
     )
 
 

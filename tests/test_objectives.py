@@ -39,6 +39,7 @@ def config(tiny_model, tmp_path):
         metrics_port=-1,
         batch_wait_s=0.0,
         poll_s=0.05,
+        gate_holdout=0.0,  # every event trains; the gate's own tests hold some out
     )
 
 
@@ -137,7 +138,9 @@ def test_the_joint_feedback_head_learns_to_predict_rewards(config):
     def predicted() -> list[float]:
         learner.model.eval()
         answers = [Answer.of(good), Answer.of(bad)]
-        ids, attention, mask, behaviour, temperature = collate(answers, learner.tokenizer.pad_token_id, learner.device)
+        ids, attention, mask, behaviour, temperature = collate(
+            answers, learner.tokenizer.pad_token_id, learner.device
+        )
         with torch.no_grad():
             out = learner.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
             f = forward_terms(
@@ -327,3 +330,45 @@ def test_a_simulated_users_correction_is_an_answer_they_like(preference, likes):
     assert not likes("Where is Lyon?", long_answer)
     fixed = preference.correct("Where is Lyon?", long_answer, rng)
     assert likes("Where is Lyon?", fixed), fixed
+
+
+def held_out_ids(learner: Learner, n: int, prefix: str) -> list[str]:
+    ids = (f"{prefix}{i}" for i in range(10_000))
+    return [rid for rid in ids if learner.held_out(rid)][:n]
+
+
+@pytest.mark.parametrize("taught", ["bad", "good"])
+def test_the_replay_gate_refuses_a_candidate_worse_on_held_out_traffic(config, taught):
+    learner = Learner(
+        dataclasses.replace(
+            config, objective="sft", gate_holdout=0.5, gate_min_events=8, max_probe_kl=10.0
+        )
+    )
+    good, bad = "Lyon is in France.", "Lyon is a kind of cheese."
+    events = []
+    for i, rid in enumerate(held_out_ids(learner, 16, "h")):  # users like good, not bad
+        g = sampled(learner, rid, good if i % 2 else bad, user=f"u{i}")
+        events.append((g, thumb(g, up=bool(i % 2))))
+    # …but the training slice teaches the other answer
+    trained = [rid for rid in (f"t{i}" for i in range(100)) if not learner.held_out(rid)][:4]
+    for rid in trained:
+        g = sampled(learner, rid, bad if taught == "bad" else good)
+        events.append((g, thumb(g, up=True)))
+    train(learner, events, steps=6)
+    learner.train_pending()
+    assert len(learner.heldout) == 16  # the gate's events were kept, not trained on
+    trips = metrics.GUARD_TRIPS.labels("replay_gate")._value.get()
+
+    published = learner.publish()
+    registry = Registry(config.registry)
+    gate = registry.manifest("v1").metadata["gate"]
+    assert gate["judged"] and gate["events"] == 16 and gate["last"] == "v0"
+    if taught == "bad":
+        assert published is None
+        assert registry.rejected("v1").startswith("replay gate: snips lower bound")
+        assert gate["candidate"] < gate["last_value"] - gate["margin"]
+        assert metrics.GUARD_TRIPS.labels("replay_gate")._value.get() == trips + 1
+        assert learner.version == "v0" and registry.latest_servable() == "v0"
+    else:
+        assert published == "v1" and not registry.rejected("v1")
+        assert gate["candidate_low"] >= gate["last_value"] - gate["margin"]

@@ -62,9 +62,7 @@ def thumbs(running, answers, up) -> None:
         )
 
 
-def test_a_canary_serves_its_sticky_share_and_good_feedback_promotes_it(
-    rollout_server, tiny_model
-):
+def test_a_canary_serves_its_sticky_share_and_good_feedback_promotes_it(rollout_server, tiny_model):
     running = rollout_server(canary_share=0.5, canary_min_feedback=8, canary_margin=0.5)
     registry = Registry(running.watcher.registry.root)
     v1 = publish_random_adapter(registry, tiny_model, seed=1)
