@@ -52,7 +52,9 @@ class LearnerConfig:
     gate_window: int = option(128, "gate: the newest held-out rewarded events it replays")
     gate_min_events: int = option(32, "gate: below this many held-out events it does not judge")
     gate_margin: float = option(
-        0.05, "gate: refuse when the candidate's lower bound is below the last version's by more"
+        0.15,
+        "gate: refuse when the candidate's lower bound is below the last version's estimate by "
+        "more than this (about the bound's own width, so that an equal candidate passes)",
     )
     gate_confidence: float = option(0.9, "gate: one-sided confidence of the candidate's bound")
     gate_estimator: str = option("snips", "gate: ips or snips", ("ips", "snips"))
