@@ -148,10 +148,14 @@ def run(config: LearnBench) -> dict[str, object]:
 
 
 def _canary(server_args: list[str]) -> bool:
-    for i, flag in enumerate(server_args[:-1]):
-        if flag == "--canary-share":
-            return float(server_args[i + 1]) > 0
-    return False
+    """Whether these `kaizen serve` flags turn the canary on (the last one wins)."""
+    share = 0.0
+    for i, flag in enumerate(server_args):
+        if flag.startswith("--canary-share="):
+            share = float(flag.split("=", 1)[1])
+        elif flag == "--canary-share" and i + 1 < len(server_args):
+            share = float(server_args[i + 1])
+    return share > 0
 
 
 def _serving(channel) -> str:

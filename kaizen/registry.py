@@ -168,13 +168,23 @@ class Registry:
                 return version
         return BASE_VERSION
 
+    def decisions(self) -> dict[str, dict[str, object]]:
+        """Every rollout record, by version."""
+        folder = self.root / ROLLOUT_DIR
+        records = (
+            [json.loads(p.read_text()) for p in folder.glob("v*.json")] if folder.is_dir() else []
+        )
+        return {str(r["version"]): r for r in records}
+
     def serving(self) -> str:
-        """The newest version a server promoted and did not roll back since (v0 if none)."""
-        for version in reversed(self.versions()):
-            record = self.rollout(version)
-            if record is not None and record["state"] == PROMOTED and not self.rejected(version):
-                return version
-        return BASE_VERSION
+        """The version servers promoted last (by time) and did not roll back since, or v0:
+        what a (re)started server serves."""
+        promoted = [
+            r
+            for r in self.decisions().values()
+            if r["state"] == PROMOTED and not self.rejected(str(r["version"]))
+        ]
+        return str(max(promoted, key=lambda r: r["at"])["version"]) if promoted else BASE_VERSION
 
     def verify(self, version: str) -> Manifest:
         """Check every file against the manifest; raise CorruptVersion on any mismatch."""
@@ -192,13 +202,17 @@ class Registry:
         return manifest
 
     @contextmanager
-    def publish(self, base_model: str, metadata: dict[str, object] | None = None) -> Iterator[Path]:
-        """Yield a staging directory to fill; on exit, publish it as the next version.
+    def publish(
+        self, base_model: str, metadata: dict[str, object] | None = None, parent: str | None = None
+    ) -> Iterator[Path]:
+        """Yield a staging directory to fill; on exit, publish it as the next version, whose
+        parent is `parent` (default: the newest version).
 
         The new version's manifest is readable as `self.manifest(self.latest())` after.
         """
-        parent = self.latest()
-        version = f"v{version_number(parent) + 1}"
+        latest = self.latest()
+        parent = latest if parent is None else parent
+        version = f"v{version_number(latest) + 1}"
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
             yield staging

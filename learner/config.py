@@ -77,8 +77,10 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.gate_holdout < 1:
             raise ValueError(f"--gate-holdout: must be in [0, 1), got {self.gate_holdout}")
-        if not 0 < self.gate_confidence < 1:
-            raise ValueError(f"--gate-confidence: must be in (0, 1), got {self.gate_confidence}")
+        if not 0.5 < self.gate_confidence < 1:
+            raise ValueError(
+                f"--gate-confidence: must be in (0.5, 1), got {self.gate_confidence}"
+            )
 
 
 @dataclass(frozen=True)

@@ -548,7 +548,7 @@ class Learner:
         }
         if reason:
             metadata["rejected"] = reason
-        with self.registry.publish(self.info.name, metadata) as staging:
+        with self.registry.publish(self.info.name, metadata, parent=self.version) as staging:
             self.model.save_pretrained(staging)
             torch.save(self.head.state_dict(), staging / HEAD_FILE)
             if not reason:  # what a restart resumes from; never a rejected version

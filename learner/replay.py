@@ -18,8 +18,8 @@ count for nothing here, since they need the judge). For a version π this module
 - drift: the mean per-token KL(π ‖ base) on the logged answers, and the perplexity of the
   shipped general text.
 
-The learner's gate (`Learner.publish`) uses `weights_and_rewards` and the estimators on
-its own held-out slice of recent traffic.
+The learner's gate (`Learner.gate`) uses `Scorer` and the same estimators on its own
+held-out slice of recent traffic.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Routing: a user is in the canary when hash(user_id) falls under the configured s
 the same users see the canary for its whole life, and a second canary takes the same
 users. The rest stay on the serving version, in the same batches (mixed-adapter rows).
 
-Evidence: every feedback event on an answer from either version is turned into a reward
-(the shipped reward file; comments, which need a judge, count for nothing here) and
-added to that version's running mean and variance.
+Evidence: every feedback event on an answer either version gave since the experiment
+started is turned into a reward (the shipped reward file; comments, which need a judge,
+count for nothing here) and added to that version's running mean and variance.
 
 Decision: an always-valid confidence sequence for the difference of the means,
 Δ = mean(canary) − mean(serving), from the normal mixture sequential probability ratio

@@ -302,7 +302,8 @@ class Engine:
         self.failed: dict[str, str] = {}  # version -> why installing it failed
         self._waiting = WaitQueue(max_queue)
         self._staged: dict[str, Adapter] = {}  # role ("serving" | "canary") -> adapter
-        self._staged_lock = threading.Lock()
+        self._staged_lock = threading.RLock()
+        self._decisions: list[tuple[str, str, threading.Event, list[bool]]] = []
         self._slots: dict[str, str | None] = {}  # peft adapter name -> version it holds
         self._slot_keys: dict[str, tuple] = {}
         self._next_slot = 0
@@ -365,27 +366,38 @@ class Engine:
             time.sleep(0.005)
         return True
 
-    # -- rollout decisions (any thread; each is one atomic store the decode loop reads) --
+    # -- rollout decisions (any thread; applied by the decode loop between two steps) ----
 
-    def promote_canary(self, version: str) -> bool:
-        """The canary becomes the serving version; False if `version` is not the canary."""
+    def promote_canary(self, version: str, timeout_s: float = 10.0) -> bool:
+        """The canary becomes the serving version. False if `version` is not the canary
+        (never installed, failed, or already gone)."""
+        return self._decide("promote", version, timeout_s)
+
+    def drop_canary(self, version: str, timeout_s: float = 10.0) -> bool:
+        """Stop routing to the canary (its rows finish on it). False if it is not the canary."""
+        return self._decide("drop", version, timeout_s)
+
+    def _decide(self, op: str, version: str, timeout_s: float) -> bool:
+        if not self._running.is_set():  # no decode loop (starting, stopping): apply here
+            with self._staged_lock:
+                self.install_staged()
+                return self._apply(op, version)
+        done, result = threading.Event(), []
+        with self._staged_lock:
+            self._decisions.append((op, version, done, result))
+        done.wait(timeout_s)
+        return bool(result and result[0])
+
+    def _apply(self, op: str, version: str) -> bool:
         canary = self.canary
         if canary is None or canary.version != version:
             return False
-        self.serving = Serving(canary.version, canary.adapter, time.time(), canary.install_ms)
+        if op == "promote":
+            self.serving = Serving(canary.version, canary.adapter, time.time(), canary.install_ms)
+            self.swaps += 1
+            metrics.SERVING_VERSION.set(version_number(version))
         self.canary = None
-        self.swaps += 1
-        metrics.SERVING_VERSION.set(version_number(version))
-        log.info("promoted canary %s to serving", version)
-        return True
-
-    def drop_canary(self, version: str) -> bool:
-        """Stop routing to the canary; its rows finish on it. False if it is not the canary."""
-        canary = self.canary
-        if canary is None or canary.version != version:
-            return False
-        self.canary = None
-        log.info("canary %s dropped", version)
+        log.info("canary %s %s", version, "promoted to serving" if op == "promote" else "dropped")
         return True
 
     # -- the decode thread -------------------------------------------------------------
@@ -403,6 +415,10 @@ class Engine:
         for row in self._batch.rows:  # nobody will decode these any more: tell their callers
             row.request.events.put(gone)
         self._batch = _Batch()
+        with self._staged_lock:  # nobody will apply these any more: release their callers
+            for *_, done, _result in self._decisions:
+                done.set()
+            self._decisions = []
         while waiting := self._waiting.take(self.max_batch, 0):
             for r in waiting:
                 r.events.put(gone)
@@ -558,14 +574,20 @@ class Engine:
     # -- installing versions (decode thread, between two steps) -------------------------
 
     def install_staged(self) -> None:
+        """Install what was staged, then apply the rollout decisions asked for since: a
+        canary staged and dropped in the same breath is installed, then dropped."""
         with self._staged_lock:
             staged, self._staged = self._staged, {}
+            decisions, self._decisions = self._decisions, []
         if "restore" in staged:
             self._restore(staged["restore"])
         for role in ("serving", "canary"):
             adapter = staged.get(role)
             if adapter is not None:
                 self._install_role(adapter, role)
+        for op, version, done, result in decisions:
+            result.append(self._apply(op, version))
+            done.set()
 
     def _restore(self, adapter: Adapter | None) -> None:
         if adapter is None:

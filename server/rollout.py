@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kaizen.buffer import ReplayBuffer
-from kaizen.errors import FailedPrecondition, InvalidArgument
+from kaizen.errors import CorruptVersion, FailedPrecondition, InvalidArgument, Unavailable
 from kaizen.events import Feedback
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import RewardConfig, reward
@@ -48,38 +48,40 @@ class Rollout:
         self.policy = policy
         self.rewards = rewards
         self.experiment: Experiment | None = None
-        self.history: dict[str, Experiment] = {}  # every canary this process ran
-        self._answers: collections.OrderedDict[str, tuple[str, int]] = (
+        self.history: dict[str, Experiment] = {}  # every canary this process decided
+        self._answers: collections.OrderedDict[str, tuple[str, int, float]] = (
             collections.OrderedDict()
-        )  # response_id -> (version, words)
-        self._lock = threading.RLock()
+        )  # response_id -> (version, words, created_at)
+        self._lock = threading.RLock()  # experiments and decisions
+        self._answers_lock = threading.Lock()  # the answer → version memory (every Generate)
 
     # -- routing and evidence (RPC threads) --------------------------------------------
 
     def route_to_canary(self, user_id: str) -> bool:
         return self.policy.share > 0 and in_canary(user_id, self.policy.share)
 
-    def answered(self, response_id: str, version: str, text: str) -> None:
-        with self._lock:
-            self._answers[response_id] = (version, len(text.split()))
+    def answered(self, response_id: str, version: str, text: str, created_at: float) -> None:
+        with self._answers_lock:
+            self._answers[response_id] = (version, len(text.split()), created_at)
             while len(self._answers) > MAX_REMEMBERED:
                 self._answers.popitem(last=False)
 
     def observe(self, events: Sequence[Feedback]) -> None:
-        """Count durable, new feedback events towards the running experiment."""
+        """Count durable, new feedback events on answers given since the running experiment
+        started towards it."""
         experiment = self.experiment
         if experiment is None:
             return
         for ev in events:
-            with self._lock:
+            with self._answers_lock:
                 known = self._answers.get(ev.response_id)
             if known is None:
                 g = self.buffer.generation(ev.response_id)
                 if g is None:
                     continue
-                known = (g.model_version, len(g.text.split()))
-            version, words = known
-            if version not in experiment.arms:
+                known = (g.model_version, len(g.text.split()), g.created_at)
+            version, words, created_at = known
+            if version not in experiment.arms or created_at < experiment.started_at:
                 continue
             r = reward(ev, self.rewards, words=words)
             if r is not None:
@@ -98,6 +100,9 @@ class Rollout:
     def offer(self, adapter: Adapter) -> None:
         """A new, verified, servable version: serve it, or start its canary."""
         with self._lock:
+            newest = version_number(self.engine.newest_known())
+            if self.busy or version_number(adapter.version) <= newest:
+                return  # an operator got there first, or a canary started meanwhile
             if self.policy.share <= 0:
                 self.engine.stage(adapter)
                 self.registry.record_rollout(
@@ -106,7 +111,6 @@ class Rollout:
                 return
             self.engine.stage(adapter, role="canary")
             self.experiment = Experiment(adapter.version, self.engine.version, self.policy)
-            self.history[adapter.version] = self.experiment
             metrics.CANARY_VERSION.set(version_number(adapter.version))
             log.info(
                 "canary %s for %.0f %% of users, against %s",
@@ -118,13 +122,16 @@ class Rollout:
     def tick(self, now: float | None = None) -> str:
         """Let the running experiment decide; apply its decision. Returns it ("" if none)."""
         with self._lock:
-            experiment = self.experiment
-            if experiment is None:
+            e = self.experiment
+            if e is None:
                 return ""
-            self._export(experiment)
-            decision = experiment.decide(now)
+            if e.canary in self.engine.failed:  # it never served anyone: nothing to test
+                e.decision, e.reason = "rollback", self.engine.failed[e.canary]
+                e.decided_at = time.time()
+            self._export(e)
+            decision = e.decide(now)
             if decision:
-                self._apply(experiment, decision, experiment.reason, by="test")
+                self._apply(e, decision, e.reason, by="test")
             return decision
 
     def _export(self, e: Experiment) -> None:
@@ -137,18 +144,32 @@ class Rollout:
 
     def _apply(self, e: Experiment, decision: str, reason: str, by: str) -> None:
         version = e.canary
-        if decision == "promote":
-            if not self.engine.promote_canary(version):
-                # not installed yet (or it failed): the evidence is about the serving arm
-                log.warning("canary %s was not installed; nothing to promote", version)
+        if decision == "promote" and self.engine.promote_canary(version):
             self.registry.record_rollout(version, PROMOTED, reason, e.evidence())
         else:
+            if decision == "promote":  # its install failed, or it is gone: never served
+                reason = f"promoted, but it is not installed: {reason}"
+                decision = "rollback"
             self.engine.drop_canary(version)
             self.registry.record_rollout(version, ROLLED_BACK, reason, e.evidence())
+        self._end(e, decision, by)
+        log.info("canary %s: %s (%s) — %s", version, decision, by, reason)
+
+    def _end(self, e: Experiment, decision: str, by: str) -> None:
         metrics.CANARY_DECISIONS.labels(decision, by).inc()
         metrics.CANARY_VERSION.set(0)
-        log.info("canary %s: %s (%s) — %s", version, decision, by, reason)
+        self.history[e.canary] = e
         self.experiment = None
+
+    def _stop_experiment(self, why: str) -> None:
+        """End the running test with no verdict on the canary: it will be offered again."""
+        e = self.experiment
+        if e is None:
+            return
+        self.engine.drop_canary(e.canary)
+        metrics.CANARY_VERSION.set(0)
+        self.experiment = None
+        log.info("canary %s stopped without a verdict: %s", e.canary, why)
 
     # -- operators (admin RPCs) --------------------------------------------------------
 
@@ -159,6 +180,28 @@ class Rollout:
             raise InvalidArgument("version", str(exc)) from None
         if version != BASE_VERSION and version not in self.registry.versions():
             raise InvalidArgument("version", f"{version} is not published in the registry")
+
+    def _read(self, version: str) -> Adapter | None:
+        """The adapter to serve `version` (None for v0), or FAILED_PRECONDITION."""
+        if version == BASE_VERSION:
+            return None
+        if rejected := self.registry.rejected(version):
+            raise FailedPrecondition(
+                "version", f"{version} was rejected by the learner ({rejected}); not served"
+            )
+        if failed := self.engine.failed.get(version):
+            raise FailedPrecondition("version", f"{version} cannot be served: {failed}")
+        try:
+            return self.read(version)
+        except (CorruptVersion, OSError, ValueError) as exc:
+            raise FailedPrecondition("version", f"{version} cannot be read: {exc}") from None
+
+    def _serve(self, version: str) -> None:
+        """Make `version` the serving version now; UNAVAILABLE if the engine did not."""
+        adapter = self._read(version)
+        self.engine.restore(adapter)
+        if not self.engine.wait_serving(version):
+            raise Unavailable(f"version: the decode loop did not install {version} in time")
 
     def promote(self, version: str, reason: str) -> None:
         """Serve `version` to everyone now: the running canary, or any servable version."""
@@ -172,12 +215,9 @@ class Rollout:
                 return
             if version == self.engine.version:
                 raise FailedPrecondition("version", f"{version} is already the serving version")
-            if rejected := self.registry.rejected(version):
-                raise FailedPrecondition(
-                    "version", f"{version} was rejected by the learner ({rejected}); not served"
-                )
-            self.engine.restore(None if version == BASE_VERSION else self.read(version))
-            self.engine.wait_serving(version)
+            self._read(version)  # refuse before touching anything
+            self._stop_experiment(f"an operator promoted {version}")
+            self._serve(version)
             if version != BASE_VERSION:
                 self.registry.record_rollout(version, PROMOTED, reason)
             metrics.CANARY_DECISIONS.labels("promote", "operator").inc()
@@ -201,11 +241,19 @@ class Rollout:
                 )
             if version == BASE_VERSION:
                 raise FailedPrecondition("version", "v0 is the base model: nothing to roll back to")
-            if e is not None:  # the canary ran against the version going away: stop it too
-                self._apply(e, "rollback", f"its baseline {version} was rolled back", by="operator")
+            previous = self._previous(version)
+            self._read(previous)  # refuse before touching anything
+            self._stop_experiment(f"its baseline {version} is being rolled back")
+            self._serve(previous)
             self.registry.record_rollout(version, ROLLED_BACK, reason)
-            previous = self.registry.serving()
-            self.engine.restore(None if previous == BASE_VERSION else self.read(previous))
-            self.engine.wait_serving(previous)
             metrics.CANARY_DECISIONS.labels("rollback", "operator").inc()
             return previous
+
+    def _previous(self, version: str) -> str:
+        """The version promoted last before `version` and not rolled back since (or v0)."""
+        promoted = sorted(
+            (r for r in self.registry.decisions().values() if r["state"] == PROMOTED),
+            key=lambda r: r["at"],
+        )
+        earlier = [str(r["version"]) for r in promoted if r["version"] != version]
+        return earlier[-1] if earlier else BASE_VERSION

@@ -149,7 +149,9 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         )
         # Durable before the caller sees response_id, so feedback can always be joined.
         self.buffer.append_generation(generation)
-        self.rollout.answered(generation.response_id, generation.model_version, text)
+        self.rollout.answered(
+            generation.response_id, generation.model_version, text, generation.created_at
+        )
         return generation
 
     def Generate(self, request, context):
@@ -338,7 +340,8 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
                 "authorization: this server needs 'authorization: Bearer <token>' metadata "
                 "for admin RPCs (--admin-token)"
             )
-        if not hmac.compare_digest(given.removeprefix("Bearer ").strip(), self.admin_token):
+        scheme, _, token = given.strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.admin_token):
             raise PermissionDenied("authorization: the bearer token does not match --admin-token")
 
     def _info(self, version: str) -> model_pb2.VersionInfo:

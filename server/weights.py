@@ -92,7 +92,10 @@ class RegistryWatcher:
         latest = self.registry.latest_servable()
         if latest in self.rejected or latest in self.engine.failed:
             return
-        if version_number(latest) <= version_number(self.engine.newest_known()):
+        # nothing older than what is served, canaried, or already decided (an operator may
+        # have promoted an older version over it: that decision sticks)
+        floor = [self.engine.newest_known(), *self.registry.decisions()]
+        if version_number(latest) <= max(version_number(v) for v in floor):
             return
         try:
             adapter = self.read(latest)
