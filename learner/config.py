@@ -52,9 +52,9 @@ class LearnerConfig:
     gate_window: int = option(128, "gate: the newest held-out rewarded events it replays")
     gate_min_events: int = option(32, "gate: below this many held-out events it does not judge")
     gate_margin: float = option(
-        0.15,
-        "gate: refuse when the candidate's lower bound is below the last version's estimate by "
-        "more than this (about the bound's own width, so that an equal candidate passes)",
+        0.1,
+        "gate: refuse when the lower bound of (candidate − last version) on the held-out "
+        "slice is below minus this",
     )
     gate_confidence: float = option(0.9, "gate: one-sided confidence of the candidate's bound")
     gate_estimator: str = option("snips", "gate: ips or snips", ("ips", "snips"))
@@ -78,9 +78,7 @@ class LearnerConfig:
         if not 0 <= self.gate_holdout < 1:
             raise ValueError(f"--gate-holdout: must be in [0, 1), got {self.gate_holdout}")
         if not 0.5 < self.gate_confidence < 1:
-            raise ValueError(
-                f"--gate-confidence: must be in (0.5, 1), got {self.gate_confidence}"
-            )
+            raise ValueError(f"--gate-confidence: must be in (0.5, 1), got {self.gate_confidence}")
 
 
 @dataclass(frozen=True)

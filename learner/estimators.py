@@ -129,18 +129,29 @@ def estimate_all(
     return out
 
 
-def lower_bound(
-    w: np.ndarray,
+def paired_difference(
+    w_candidate: np.ndarray,
+    w_base: np.ndarray,
     r: np.ndarray,
     name: str = "snips",
     confidence: float = 0.9,
     resamples: int = 1000,
     seed: int = 0,
-    dm_logged: np.ndarray | None = None,
-    dm_policy: np.ndarray | None = None,
-) -> Estimate:
-    """A one-sided lower confidence bound at `confidence`: `low` is the bootstrap
-    (1 − confidence) percentile, `high` is +inf."""
-    two_sided = estimate_all(w, r, dm_logged, dm_policy, 2 * confidence - 1, resamples, seed)
-    e = two_sided[name]
-    return Estimate(name, e.value, e.low, float("inf"), confidence)
+) -> tuple[float, float]:
+    """(estimate of V(candidate) − V(base), its one-sided lower bound at `confidence`).
+
+    Both policies are replayed on the same logged answers, so their estimates move
+    together; the bootstrap resamples the answers once for both, and the interval of the
+    difference is much narrower than either estimate's own."""
+    w_c, w_b, r = (np.asarray(x, dtype=np.float64) for x in (w_candidate, w_base, r))
+    diff = _point(name, w_c, r, None, None) - _point(name, w_b, r, None, None)
+    if len(r) < 2:
+        return diff, diff
+    idx = np.random.default_rng(seed).integers(0, len(r), size=(resamples, len(r)))
+    rb = r[idx]
+    if name == "ips":
+        draws = np.mean((w_c[idx] - w_b[idx]) * rb, axis=1)
+    else:
+        draws = np.sum(w_c[idx] * rb, axis=1) / np.maximum(np.sum(w_c[idx], axis=1), 1e-300)
+        draws -= np.sum(w_b[idx] * rb, axis=1) / np.maximum(np.sum(w_b[idx], axis=1), 1e-300)
+    return diff, float(np.percentile(draws, (1 - confidence) * 100))

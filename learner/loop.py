@@ -16,9 +16,9 @@ dropped):
 
 - the mean KL to the base model on a fixed probe set must stay under `max_probe_kl`;
 - the replay gate: a slice of answers (`gate_holdout`, by response id) is never trained
-  on; on its newest rewarded events, the candidate's one-sided lower confidence bound
-  (SNIPS by default, `learner.estimators`) must not fall below the last published
-  version's estimate by more than `gate_margin`.
+  on; on its newest rewarded events, the candidate and the last accepted version are
+  both replayed (SNIPS by default, `learner.estimators`), and the one-sided lower bound
+  of the candidate's estimate minus the last one's must not fall below −`gate_margin`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from kaizen.registry import BASE_VERSION, Registry, version_number
 from kaizen.rewards import load_rewards, reward
 from learner import metrics
 from learner.config import LearnerConfig
-from learner.estimators import effective_sample_size, estimate_all, lower_bound, weights
+from learner.estimators import effective_sample_size, estimate_all, paired_difference, weights
 from learner.examples import USES, Answer, Example, Pair, Scored, Shaper, Target, collate
 from learner.objectives import (
     OBJECTIVES,
@@ -490,25 +490,27 @@ class Learner:
         finally:
             self._copy_weights(mine)
         name = c.gate_estimator
-        bound = lower_bound(candidate, r, name, c.gate_confidence, seed=len(held))
+        diff, low = paired_difference(candidate, last, r, name, c.gate_confidence, seed=len(held))
         last_value = estimate_all(last, r, resamples=1)[name].value
         evidence.update(
             judged=True,
             estimator=name,
             confidence=c.gate_confidence,
-            candidate=round(bound.value, 4),
-            candidate_low=round(bound.low, 4),
-            candidate_ess=round(effective_sample_size(candidate), 1),
+            candidate=round(last_value + diff, 4),
             last=self.version,
             last_value=round(last_value, 4),
+            difference=round(diff, 4),
+            difference_low=round(low, 4),
+            candidate_ess=round(effective_sample_size(candidate), 1),
             last_ess=round(effective_sample_size(last), 1),
             margin=c.gate_margin,
         )
-        if bound.low < last_value - c.gate_margin:
+        if low < -c.gate_margin:
             evidence["refused"] = (
-                f"replay gate: {name} lower bound {bound.low:+.3f} ({c.gate_confidence:.0%} "
-                f"one-sided, {len(held)} held-out events) is below {self.version}'s "
-                f"{last_value:+.3f} by more than --gate-margin {c.gate_margin}"
+                f"replay gate: {name} says {last_value + diff:+.3f} against {self.version}'s "
+                f"{last_value:+.3f}; the difference's lower bound {low:+.3f} "
+                f"({c.gate_confidence:.0%} one-sided, {len(held)} held-out events) is below "
+                f"-{c.gate_margin} (--gate-margin)"
             )
         return evidence
 
@@ -585,13 +587,13 @@ class Learner:
         metrics.PUBLISHED.inc()
         metrics.VERSION.set(version_number(self.version))
         log.info(
-            "published %s: cursor %d, %d steps, mean reward %s, probe KL %.3f, gate %s",
+            "published %s: cursor %d, %d steps, mean reward %s, probe KL %.3f, gate Δ low %s",
             self.version,
             self.progress.cursor,
             self.progress.steps,
             metadata["window_mean_reward"],
             probe_kl,
-            gate.get("candidate_low", "not judged"),
+            gate.get("difference_low", "not judged"),
         )
         return self.version
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner.estimators import effective_sample_size, estimate_all, lower_bound, weights
+from learner.estimators import effective_sample_size, estimate_all, paired_difference, weights
 
 K = 6  # answers per prompt
 
@@ -91,15 +91,18 @@ def test_effective_sample_size_collapses_as_the_candidate_moves_away():
     assert ess[3] < 0.2 * n  # nearly deterministic π: a few answers carry the estimate
 
 
-def test_a_one_sided_lower_bound_sits_below_the_estimate():
+def test_a_paired_difference_is_tighter_than_either_estimate_and_sees_a_worse_policy():
     world = World()
     x, a, r = world.log(300, np.random.default_rng(4))
     w = world.weights(x, a)
-    bound = lower_bound(w, r, "snips", confidence=0.9)
-    two_sided = estimate_all(w, r, level=0.8)["snips"]
-    assert bound.low < bound.value
-    assert bound.low == pytest.approx(two_sided.low)
-    assert bound.high == float("inf")
+    assert paired_difference(w, w, r) == (0.0, 0.0)  # the same policy: exactly no difference
+    worse = World(shift=0.7)  # a little less keen on the better answers than π
+    w_worse = worse.weights(x, a)
+    diff, low = paired_difference(w_worse, w, r, "snips", confidence=0.9)
+    assert low < diff < 0
+    assert diff == pytest.approx(worse.truth - world.truth, abs=0.02)
+    own = estimate_all(w_worse, r, level=0.8)["snips"]  # its own 90 % one-sided bound
+    assert diff - low < 0.5 * (own.value - own.low)  # the paired bound is much narrower
 
 
 def test_estimates_refuse_mismatched_inputs():

@@ -10,7 +10,7 @@ from kaizen.cli import main
 from kaizen.v1 import feedback_pb2
 from learner.config import ReplayEvaluateConfig
 from learner.replay import EXPORT_SCHEMA, evaluate, report_png, table
-from tests.conftest import ask, publish_random_adapter
+from tests.conftest import ask, publish_random_adapter, wait_until
 
 PROMPTS = ["What is the capital of France?", "Name a colour.", "How do birds fly?"]
 
@@ -43,6 +43,7 @@ def logged(server, stubs, registry, tiny_model, serve_config):
         )
     )
     v1 = publish_random_adapter(registry, tiny_model, seed=3)
+    wait_until(lambda: registry.rollout(v1) is not None, what="the server promoting v1")
     return answers, v1
 
 
@@ -97,10 +98,11 @@ def test_replay_evaluate_on_the_command_line(logged, serve_config, tiny_model, c
     common = ["--model", str(tiny_model), "--buffer", serve_config.buffer]
     common += ["--registry", str(serve_config.registry), "--dtype", "fp32"]
     argv = ["replay", "evaluate", *common, "--direct-method", "none", "--resamples", "50"]
-    assert main([*argv, "--candidate", "v1", "--json"]) == 0
+    assert main([*argv, "--candidate", "v0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["against"] == "v0"  # the serving version: nothing was promoted
-    assert set(result["versions"]["v1"]["estimates"]) == {"ips", "snips"}
+    assert result["against"] == "v1"  # by default, the version the server promoted
+    assert set(result["versions"]) == {"v0", "v1"}
+    assert set(result["versions"]["v1"]["estimates"]) == {"ips", "snips"}  # no DR asked
 
     assert main([*argv, "--candidate", "v7"]) == 2
     assert "--candidate: v7 is not in" in capsys.readouterr().err

@@ -77,8 +77,8 @@ def test_a_canary_serves_its_sticky_share_and_good_feedback_promotes_it(rollout_
     assert again.model_version == answers[USERS[0]].model_version
 
     thumbs(running, answers, up=lambda a: True)  # as good as the serving version
-    wait_until(lambda: running.engine.version == v1, what="the promotion")
-    assert running.engine.canary is None
+    wait_until(lambda: registry.rollout(v1) is not None, what="the decision")
+    assert running.engine.version == v1 and running.engine.canary is None
     assert registry.rollout(v1)["state"] == PROMOTED
     listed = versions(running)
     assert listed[v1].state == "serving" and listed["v0"].state == "retired"
@@ -132,6 +132,7 @@ def test_admin_rpcs_need_the_token_and_roll_back_to_the_last_promoted_version(
     running = rollout_server(admin_token="s3cret")
     registry = Registry(running.watcher.registry.root)
     v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    wait_until(lambda: running.engine.version == v1, what="serving v1")
     v2 = publish_random_adapter(registry, tiny_model, seed=2)
     wait_until(lambda: running.engine.version == v2, what="serving v2")
     rollback = model_pb2.RollbackRequest(version=v2, reason="users complain")
@@ -147,7 +148,7 @@ def test_admin_rpcs_need_the_token_and_roll_back_to_the_last_promoted_version(
 
     info = running.model.Rollback(rollback, metadata=token)
     assert (info.state, info.reason) == ("rolled_back", "users complain")
-    wait_until(lambda: running.engine.version == v1, what="the rollback to v1")
+    assert running.engine.version == v1  # the last promoted before v2; Rollback waits
     assert running.chat.Generate(ask()).model_version == v1
 
     running.model.Promote(model_pb2.PromoteRequest(version=v2), metadata=token)  # override
