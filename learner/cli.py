@@ -1,4 +1,5 @@
-"""`kaizen learn`: registered into the kaizen CLI through the kaizen.commands entry point."""
+"""`kaizen learn` and `kaizen replay`: registered into the kaizen CLI through the
+kaizen.commands entry point."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         "regenerations, comments scored by a judge), update a LoRA adapter with --objective "
         "(KL to the base model, clipped importance ratios against the logged behaviour), and "
         "publish a new version to the registry every --publish-every examples, unless the "
-        "KL guard on a fixed probe set refuses it.",
+        "KL guard on a probe set of general text or the replay gate on held-out traffic "
+        "refuses it.",
     )
     add_options(parser, LearnerConfig)
     parser.set_defaults(func=lambda args: _run_config(LearnerConfig, args, _learn))
-    _register_run_config(commands)
+    _register_replay(commands)
 
 
-def _register_run_config(commands: argparse._SubParsersAction) -> None:
+def _register_replay(commands: argparse._SubParsersAction) -> None:
     from learner.config import ReplayEvaluateConfig, ReplayExportConfig
 
     parser = commands.add_parser(

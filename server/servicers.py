@@ -279,10 +279,8 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         return model_pb2.ListVersionsResponse(versions=self._versions())
 
     def _versions(self) -> list[model_pb2.VersionInfo]:
-        engine, rollout = self.engine, self.rollout
-        serving = engine.version
-        canary = engine.canary
-        running = rollout.experiment
+        serving = self.engine.version
+        running = self.rollout.experiment
         out = [
             model_pb2.VersionInfo(
                 version=BASE_VERSION,
@@ -292,44 +290,53 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         ]
         for version in self.registry.versions():
             manifest = self.registry.manifest(version)
-            info = model_pb2.VersionInfo(
-                version=version,
-                parent=manifest.parent,
-                published_at=_timestamp(manifest.created_at),
-            )
             record = self.registry.rollout(version)
+            state, reason = self._state(version, manifest.metadata, record)
             evidence: dict[str, object] = {}
             if gate := manifest.metadata.get("gate"):
                 evidence["gate"] = gate
-            if rejected := manifest.metadata.get("rejected"):
-                info.state, info.reason = "rejected", str(rejected)
-            elif version in self.rejected or version in engine.failed:
-                info.state = "rejected"
-                info.reason = self.rejected.get(version) or engine.failed[version]
-            elif version == serving:
-                info.state = "serving"
-                info.reason = str(record["reason"]) if record else ""
-            elif (canary is not None and canary.version == version) or (
-                running is not None and running.canary == version
-            ):
-                info.state, info.reason = "canary", "under test"
-            elif record is not None and record["state"] == ROLLED_BACK:
-                info.state, info.reason = "rolled_back", str(record["reason"])
-            elif record is not None and record["state"] == PROMOTED:
-                info.state, info.reason = "retired", f"replaced; {record['reason']}"
-            elif version_number(version) > max(
-                version_number(serving), version_number(canary.version) if canary else 0
-            ):
-                info.state, info.reason = "pending", "waiting for its turn as canary"
-            else:
-                info.state, info.reason = "skipped", "a newer version went first"
             if running is not None and running.canary == version:
                 evidence["canary"] = running.evidence()
             elif record is not None and record.get("evidence"):
                 evidence["canary"] = record["evidence"]
-            info.evidence_json = json.dumps(evidence, sort_keys=True) if evidence else ""
-            out.append(info)
+            out.append(
+                model_pb2.VersionInfo(
+                    version=version,
+                    state=state,
+                    parent=manifest.parent,
+                    published_at=_timestamp(manifest.created_at),
+                    reason=reason,
+                    evidence_json=json.dumps(evidence, sort_keys=True) if evidence else "",
+                )
+            )
         return out
+
+    def _state(self, version: str, metadata: dict, record: dict | None) -> tuple[str, str]:
+        """A published version's state, and why, in order of precedence."""
+        engine = self.engine
+        canary = engine.canary
+        running = self.rollout.experiment
+        decided = record["state"] if record is not None else ""
+        if rejected := metadata.get("rejected"):
+            return "rejected", str(rejected)
+        if version in self.rejected or version in engine.failed:
+            return "rejected", self.rejected.get(version) or engine.failed[version]
+        if version == engine.version:
+            return "serving", str(record["reason"]) if record else ""
+        if (canary is not None and canary.version == version) or (
+            running is not None and running.canary == version
+        ):
+            return "canary", "under test"
+        if decided == ROLLED_BACK:
+            return "rolled_back", str(record["reason"])
+        if decided == PROMOTED:
+            return "retired", f"replaced; {record['reason']}"
+        newest = max(
+            version_number(engine.version), version_number(canary.version) if canary else 0
+        )
+        if version_number(version) > newest:
+            return "pending", "waiting for its turn as canary"
+        return "skipped", "a newer version went first"
 
     def _authorize(self, context) -> None:
         if not self.admin_token:
