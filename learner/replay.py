@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from kaizen import modeling
 from kaizen.buffer import ReplayBuffer
-from kaizen.events import FeedbackKind, Generation
+from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.registry import BASE_VERSION, Registry
 from kaizen.rewards import RewardConfig, reward
 from learner.estimators import effective_sample_size, estimate_all, weights
@@ -70,16 +70,25 @@ class Logged:
         )
 
 
-def load_logged(buffer: ReplayBuffer, rewards: RewardConfig, limit: int = 0) -> list[Logged]:
-    """Answers with at least one rewarded feedback event, oldest first; the newest `limit`
-    of them (0 = all)."""
-    found: dict[str, Logged] = {}
+def feedback_by_answer(buffer: ReplayBuffer) -> dict[str, tuple[Generation, list[Feedback]]]:
+    """Every answer that got feedback, with its events in order, read page by page."""
+    found: dict[str, tuple[Generation, list[Feedback]]] = {}
     after = 0
     while rows := buffer.read_samples(after, READ_PAGE):
         for sample in rows:
             after = sample.seq
-            g, fb = sample.generation, sample.feedback
-            item = found.setdefault(g.response_id, Logged(g))
+            g = sample.generation
+            found.setdefault(g.response_id, (g, []))[1].append(sample.feedback)
+    return found
+
+
+def load_logged(buffer: ReplayBuffer, rewards: RewardConfig, limit: int = 0) -> list[Logged]:
+    """Answers with at least one rewarded feedback event, oldest first; the newest `limit`
+    of them (0 = all)."""
+    found: dict[str, Logged] = {}
+    for response_id, (g, events) in feedback_by_answer(buffer).items():
+        item = found[response_id] = Logged(g)
+        for fb in events:
             if fb.kind == FeedbackKind.CORRECTION and fb.text.strip():
                 item.correction = fb.text.strip()
             r = reward(fb, rewards, g)
@@ -529,24 +538,18 @@ EXPORT_SCHEMA = {
 
 def export_rows(buffer: ReplayBuffer, rewards: RewardConfig):
     """Every answer that got feedback, joined with its events, oldest event first."""
-    found: dict[str, tuple[Generation, list[dict[str, object]]]] = {}
-    after = 0
-    while rows := buffer.read_samples(after, READ_PAGE):
-        for sample in rows:
-            after = sample.seq
-            g, fb = sample.generation, sample.feedback
-            events = found.setdefault(g.response_id, (g, []))[1]
-            events.append(
-                {
-                    "event_id": fb.event_id,
-                    "kind": str(fb.kind),
-                    "value": fb.value,
-                    "text": fb.text,
-                    "received_at": fb.received_at,
-                    "reward": reward(fb, rewards, g),
-                }
-            )
-    for g, events in found.values():
+    for g, feedback in feedback_by_answer(buffer).values():
+        events = [
+            {
+                "event_id": fb.event_id,
+                "kind": str(fb.kind),
+                "value": fb.value,
+                "text": fb.text,
+                "received_at": fb.received_at,
+                "reward": reward(fb, rewards, g),
+            }
+            for fb in feedback
+        ]
         given = [e["reward"] for e in events if e["reward"] is not None]
         yield {
             "response_id": g.response_id,

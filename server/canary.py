@@ -136,21 +136,21 @@ class Experiment:
             diff, low, high = self.interval()
             enough = min(c.n, s.n) >= p.min_feedback
             if enough and high < 0:
-                self._set(
+                self.settle(
                     "rollback",
                     f"worse than {self.serving}: Δ {diff:+.3f}, "
                     f"interval [{low:+.3f}, {high:+.3f}] below 0",
                     now,
                 )
             elif enough and low > -p.margin:
-                self._set(
+                self.settle(
                     "promote",
                     f"not worse than {self.serving} by more than "
                     f"{p.margin}: Δ {diff:+.3f}, interval [{low:+.3f}, {high:+.3f}]",
                     now,
                 )
             elif c.n >= p.max_feedback or now - self.started_at >= p.window_s:
-                self._set(
+                self.settle(
                     "rollback",
                     f"undecided at the end of the window ({c.n} canary "
                     f"events, {now - self.started_at:.0f} s): Δ {diff:+.3f}, "
@@ -159,8 +159,10 @@ class Experiment:
                 )
             return self.decision
 
-    def _set(self, decision: str, reason: str, now: float) -> None:
-        self.decision, self.reason, self.decided_at = decision, reason, now
+    def settle(self, decision: str, reason: str, now: float | None = None) -> None:
+        """Record the decision (the test's, or an operator's)."""
+        self.decision, self.reason = decision, reason
+        self.decided_at = time.time() if now is None else now
 
     def evidence(self) -> dict[str, object]:
         diff, low, high = self.interval()

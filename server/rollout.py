@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 from kaizen.buffer import ReplayBuffer
@@ -126,8 +125,7 @@ class Rollout:
             if e is None:
                 return ""
             if e.canary in self.engine.failed:  # it never served anyone: nothing to test
-                e.decision, e.reason = "rollback", self.engine.failed[e.canary]
-                e.decided_at = time.time()
+                e.settle("rollback", self.engine.failed[e.canary])
             self._export(e)
             decision = e.decide(now)
             if decision:
@@ -203,15 +201,22 @@ class Rollout:
         if not self.engine.wait_serving(version):
             raise Unavailable(f"version: the decode loop did not install {version} in time")
 
+    def _operator_decides_canary(self, version: str, decision: str, reason: str) -> bool:
+        """End the running experiment with an operator's decision, if `version` is its
+        canary; False otherwise."""
+        e = self.experiment
+        if e is None or e.canary != version:
+            return False
+        e.settle(decision, reason)
+        self._apply(e, decision, reason, by="operator")
+        return True
+
     def promote(self, version: str, reason: str) -> None:
         """Serve `version` to everyone now: the running canary, or any servable version."""
         self._check_known(version)
         reason = reason or "promoted by an operator"
         with self._lock:
-            e = self.experiment
-            if e is not None and e.canary == version:
-                e.decision, e.reason, e.decided_at = "promote", reason, time.time()
-                self._apply(e, "promote", reason, by="operator")
+            if self._operator_decides_canary(version, "promote", reason):
                 return
             if version == self.engine.version:
                 raise FailedPrecondition("version", f"{version} is already the serving version")
@@ -228,10 +233,7 @@ class Rollout:
         self._check_known(version)
         reason = reason or "rolled back by an operator"
         with self._lock:
-            e = self.experiment
-            if e is not None and e.canary == version:
-                e.decision, e.reason, e.decided_at = "rollback", reason, time.time()
-                self._apply(e, "rollback", reason, by="operator")
+            if self._operator_decides_canary(version, "rollback", reason):
                 return self.engine.version
             if version != self.engine.version:
                 raise FailedPrecondition(
