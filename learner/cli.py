@@ -39,13 +39,14 @@ def _register_replay(commands: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="replay_command", required=True, metavar="COMMAND")
     evaluate = sub.add_parser(
         "evaluate",
-        help="estimate a version's mean reward on logged traffic (IPS, SNIPS, DR)",
-        description="Replay the newest logged answers with rewarded feedback under "
-        "--candidate and --against: inverse propensity scoring, self-normalised IPS and "
-        "doubly robust estimates of each one's mean reward with bootstrap intervals, the "
-        "effective sample size, preference accuracy on liked/disliked pairs and "
-        "corrections, KL to the base model and perplexity drift. A table, or --json; "
-        "--report draws a PNG.",
+        help="estimate versions' mean reward on logged traffic (IPS, SNIPS, DR, DM)",
+        description="Replay the newest logged answers with rewarded feedback under each "
+        "--candidate and --against: inverse propensity scoring, self-normalised IPS, "
+        "doubly robust and direct-method estimates of each one's mean reward with "
+        "bootstrap intervals, the effective sample size, preference accuracy on "
+        "liked/disliked pairs and corrections, KL to the base model and perplexity "
+        "drift; several versions are ranked by --rank-by. A table, or --json; --report "
+        "draws a PNG.",
     )
     add_options(evaluate, ReplayEvaluateConfig)
     evaluate.set_defaults(func=lambda args: _run_config(ReplayEvaluateConfig, args, _evaluate))

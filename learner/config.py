@@ -83,7 +83,11 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class ReplayEvaluateConfig:
-    candidate: str = option("", "the version to evaluate (vN)")
+    candidate: str = option(
+        "",
+        "the version(s) to evaluate: vN, a comma-separated list, or all (v0 and every "
+        "version the learner did not reject); several are ranked by --rank-by",
+    )
     against: str = option("", "the version to compare with; default: the serving one")
     model: Path = option(DEFAULT_MODEL_DIR, "base model checkpoint directory")
     buffer: str = option("sqlite:///kaizen-data/buffer.db", "replay buffer URL")
@@ -93,6 +97,16 @@ class ReplayEvaluateConfig:
         "ridge",
         "doubly robust's reward model: ridge (on the base model's features) or none",
         ("ridge", "none"),
+    )
+    weights: str = option(
+        "sequence",
+        "importance weights: sequence (π/μ of the whole answer: unbiased, but collapses "
+        "onto a few answers as versions drift apart) or token-mean (the geometric mean "
+        "of the per-token ratios: biased, low-variance, for ranking)",
+        ("sequence", "token-mean"),
+    )
+    rank_by: str = option(
+        "snips", "the estimate several versions are ranked by", ("ips", "snips", "dr", "dm")
     )
     level: float = option(0.95, "confidence level of the bootstrap intervals")
     resamples: int = option(1000, "bootstrap resamples")
@@ -111,6 +125,8 @@ class ReplayEvaluateConfig:
             raise ValueError(f"--level: must be in (0, 1), got {self.level}")
         if self.limit < 0 or self.resamples < 1:
             raise ValueError("--limit must be 0 or more and --resamples at least 1")
+        if self.rank_by in ("dr", "dm") and self.direct_method == "none":
+            raise ValueError(f"--rank-by {self.rank_by}: needs --direct-method ridge")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ samples itself):
 - DR (doubly robust): mean(dm_policy + w · (r − dm_logged)). The reward model's guess,
   corrected by importance-weighted residuals: unbiased if either the weights or the
   reward model are right, and low-variance when the reward model is good.
+- DM (direct method): mean(dm_policy), the reward model's guess alone. No weights, so
+  no variance from them, but every error of the reward model is a bias.
 
 The effective sample size (Σw)² / Σw² says how many logged answers the estimate is
 really worth: it is n when π = μ and collapses towards 1 as π moves away from μ.
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ESTIMATORS = ("ips", "snips", "dr")
+ESTIMATORS = ("ips", "snips", "dr", "dm")
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,24 @@ class Estimate:
         return {"value": self.value, "low": self.low, "high": self.high}
 
 
-def weights(target_logp: np.ndarray, behaviour_logp: np.ndarray, max_log: float = 50.0):
+def weights(
+    target_logp: np.ndarray,
+    behaviour_logp: np.ndarray,
+    tokens: np.ndarray | None = None,
+    max_log: float = 50.0,
+):
     """w = π / μ from sequence log-probabilities, the log ratio capped at ±max_log so that
-    one absurd answer cannot overflow the sums."""
-    log_w = np.clip(np.asarray(target_logp) - np.asarray(behaviour_logp), -max_log, max_log)
-    return np.exp(log_w)
+    one absurd answer cannot overflow the sums.
+
+    With `tokens` (each answer's length), the length-normalised ratio
+    exp((log π − log μ) / tokens) instead: the geometric mean of the per-token ratios, as
+    in GSPO's sequence ratio. It no longer makes IPS unbiased, but it does not collapse
+    onto a few answers over long sequences: a low-variance score of which answers π
+    favours, for ranking versions rather than for estimating their value."""
+    log_w = np.asarray(target_logp, dtype=np.float64) - np.asarray(behaviour_logp)
+    if tokens is not None:
+        log_w = log_w / np.maximum(np.asarray(tokens, dtype=np.float64), 1)
+    return np.exp(np.clip(log_w, -max_log, max_log))
 
 
 def ips(w: np.ndarray, r: np.ndarray) -> float:
@@ -75,6 +90,8 @@ def _point(name: str, w, r, dm_logged, dm_policy) -> float:
         return snips(w, r)
     if name == "dr":
         return dr(w, r, dm_logged, dm_policy)
+    if name == "dm":
+        return float(np.mean(dm_policy))
     raise ValueError(f"estimator: {name!r} is not one of {', '.join(ESTIMATORS)}")
 
 
@@ -87,7 +104,7 @@ def estimate_all(
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Estimate]:
-    """IPS, SNIPS and (when a direct method is given) DR, with bootstrap intervals.
+    """IPS, SNIPS and (when a direct method is given) DR and DM, with bootstrap intervals.
 
     One set of bootstrap resamples serves every estimator, so their intervals are
     comparable; with fewer than 2 logged answers the interval is the point itself.
@@ -104,7 +121,7 @@ def estimate_all(
     if dm_logged is not None and dm_policy is not None:
         dm_logged = np.asarray(dm_logged, dtype=np.float64)
         dm_policy = np.asarray(dm_policy, dtype=np.float64)
-        names.append("dr")
+        names += ["dr", "dm"]
     n = len(w)
     if n == 0:
         nan = float("nan")
@@ -121,6 +138,7 @@ def estimate_all(
     }
     if "dr" in names:
         draws["dr"] = np.mean(dm_policy[idx] + wb * (rb - dm_logged[idx]), axis=1)
+        draws["dm"] = np.mean(dm_policy[idx], axis=1)
     tail = (1 - level) / 2 * 100
     out = {}
     for k in names:

@@ -7,16 +7,20 @@ count for nothing here, since they need the judge). For a version π this module
 - the importance weight of each answer, π(answer) / μ(answer), from π's log-probabilities
   at the temperature the answer was sampled with; greedy answers (nothing was sampled)
   and nucleus-truncated ones are left out, since μ gives no density to compare with;
-- IPS, SNIPS and doubly robust estimates of π's mean reward, with bootstrap intervals
-  and the effective sample size (`learner.estimators`). The direct method is a ridge
-  regression of the rewards on the base model's pooled last hidden state of the answer,
-  cross-fitted on two halves of the log, evaluated on an answer π samples itself for
-  each logged prompt;
+- IPS, SNIPS, doubly robust and direct-method estimates of π's mean reward, with
+  bootstrap intervals and the effective sample size (`learner.estimators`). The direct
+  method is a ridge regression of the rewards on the base model's pooled last hidden
+  state of the answer, cross-fitted on two halves of the log, evaluated on an answer π
+  samples itself for each logged prompt. `--weights token-mean` replaces the sequence
+  ratio by its per-token geometric mean, which does not collapse but is biased: a
+  ranking score;
 - preference accuracy: over prompts with a liked (reward > 0) and a disliked (reward < 0)
   answer, and corrections against the answer they corrected, the share of pairs where π
   gives the preferred answer the higher likelihood;
 - drift: the mean per-token KL(π ‖ base) on the logged answers, and the perplexity of the
   shipped general text.
+
+Several candidates (`--candidate v1,v2` or `all`) are each scored once and ranked.
 
 The learner's gate (`Learner.gate`) uses `Scorer` and the same estimators on its own
 held-out slice of recent traffic.
@@ -40,7 +44,7 @@ from kaizen.buffer import ReplayBuffer
 from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.registry import BASE_VERSION, Registry
 from kaizen.rewards import RewardConfig, reward
-from learner.estimators import effective_sample_size, estimate_all, weights
+from learner.estimators import ESTIMATORS, effective_sample_size, estimate_all, weights
 from learner.examples import Answer, collate
 from learner.objectives import response_logprobs, token_kl
 
@@ -330,14 +334,12 @@ def _estimate_version(
     answers: list[Answer],
     r: np.ndarray,
     behaviour: np.ndarray,
-    direct_method: bool,
-    level: float,
-    resamples: int,
+    config,
 ) -> dict[str, object]:
     t = scorer.terms(version, answers, desc=f"scoring {version} on {len(answers)} answers")
-    w = weights(t.tempered_logp, behaviour)
+    w = weights(t.tempered_logp, behaviour, t.tokens if config.weights == "token-mean" else None)
     dm_logged = dm_policy = None
-    if direct_method and len(r) >= 4:
+    if config.direct_method == "ridge" and len(r) >= 4:
         by_temperature: dict[float, list[int]] = {}
         for i, x in enumerate(usable):
             by_temperature.setdefault(x.generation.sampling.temperature, []).append(i)
@@ -350,7 +352,7 @@ def _estimate_version(
             own = scorer.terms(BASE_VERSION, sampled)
             policy_features[rows] = own.features
         dm_logged, dm_policy = cross_fit(t.features, r, policy_features)
-    estimates = estimate_all(w, r, dm_logged, dm_policy, level, resamples)
+    estimates = estimate_all(w, r, dm_logged, dm_policy, config.level, config.resamples)
     return {
         "estimates": {k: e.as_dict() for k, e in estimates.items()},
         "effective_sample_size": round(effective_sample_size(w), 2),
@@ -360,21 +362,33 @@ def _estimate_version(
     }
 
 
-def evaluate(config) -> dict[str, object]:
-    """`kaizen replay evaluate`: the candidate and the version it is compared against,
-    side by side, on the same logged answers."""
-    from kaizen.buffer import open_buffer
-    from kaizen.rewards import load_rewards
-
-    registry = Registry(config.registry)
+def _versions(config, registry: Registry) -> tuple[list[str], str]:
+    """The candidates (`all`: v0 and every version not rejected) and the version they are
+    compared against, each checked to be in the registry."""
     published = [BASE_VERSION, *registry.versions()]
+    if config.candidate == "all":
+        candidates = [v for v in published if v == BASE_VERSION or not registry.rejected(v)]
+    else:
+        candidates = [v.strip() for v in config.candidate.split(",") if v.strip()]
     against = config.against or registry.serving()
-    for flag, version in (("--candidate", config.candidate), ("--against", against)):
+    for flag, version in [*(("--candidate", v) for v in candidates), ("--against", against)]:
         if version not in published:
             raise ValueError(
                 f"{flag}: {version} is not in {config.registry} ({len(published)} "
                 f"versions: {', '.join(published[-5:])})"
             )
+    return candidates, against
+
+
+def evaluate(config) -> dict[str, object]:
+    """`kaizen replay evaluate`: the candidates and the version they are compared
+    against, side by side on the same logged answers, each scored once, and ranked by
+    `config.rank_by` when there are several."""
+    from kaizen.buffer import open_buffer
+    from kaizen.rewards import load_rewards
+
+    registry = Registry(config.registry)
+    candidates, against = _versions(config, registry)
     buffer = open_buffer(config.buffer, must_exist=True)
     try:
         logged = load_logged(buffer, load_rewards(config.rewards), config.limit)
@@ -391,7 +405,7 @@ def evaluate(config) -> dict[str, object]:
     r = np.array([x.reward for x in usable])
     behaviour = np.array([sum(x.generation.behaviour_logprobs) for x in usable])
     result: dict[str, object] = {
-        "candidate": config.candidate,
+        "candidates": candidates,
         "against": against,
         "answers": len(usable),
         "left_out": {
@@ -399,24 +413,15 @@ def evaluate(config) -> dict[str, object]:
         },
         "logged_mean_reward": round(float(r.mean()), 4),
         "logged_by": _count(x.generation.model_version for x in usable),
+        "weights": config.weights,
         "level": config.level,
         "versions": {},
     }
     pairs = preference_pairs(logged, scorer.tokenizer)
     windows = general_text_windows(scorer.tokenizer)
     base_ppl = None
-    for version in dict.fromkeys((config.candidate, against)):
-        row = _estimate_version(
-            scorer,
-            version,
-            usable,
-            answers,
-            r,
-            behaviour,
-            config.direct_method == "ridge",
-            config.level,
-            config.resamples,
-        )
+    for version in dict.fromkeys((*candidates, against)):
+        row = _estimate_version(scorer, version, usable, answers, r, behaviour, config)
         if pairs:
             chosen = scorer.terms(version, [p[0] for p in pairs]).logp
             other = scorer.terms(version, [p[1] for p in pairs]).logp
@@ -431,6 +436,12 @@ def evaluate(config) -> dict[str, object]:
         result["versions"][version] = row
     result["preference_pairs"] = len(pairs)
     result["perplexity_base"] = round(base_ppl, 3)
+    versions = result["versions"]
+    if len(versions) > 1 and config.rank_by in versions[against]["estimates"]:
+        result["rank_by"] = config.rank_by
+        result["ranking"] = sorted(
+            versions, key=lambda v: -versions[v]["estimates"][config.rank_by]["value"]
+        )
     return result
 
 
@@ -457,7 +468,7 @@ def table(result: dict[str, object]) -> str:
     def row(label: str, cell) -> None:
         lines.append(f"{label:28}" + "".join(f"{cell(versions[n]):>26}" for n in names))
 
-    for name in ("ips", "snips", "dr"):
+    for name in ESTIMATORS:
         if name not in versions[names[0]]["estimates"]:
             continue
         row(
@@ -472,6 +483,8 @@ def table(result: dict[str, object]) -> str:
         "perplexity (change)",
         lambda v: f"{v['perplexity']:.2f} ({v['perplexity_change_pct']:+.1f} %)",
     )
+    if "ranking" in result:
+        lines += ["", f"ranking by {result['rank_by'].upper()}: " + " > ".join(result["ranking"])]
     return "\n".join(lines)
 
 
@@ -484,7 +497,7 @@ def report_png(result: dict[str, object], path: Path) -> None:
 
     versions = result["versions"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    names = [k for k in ("ips", "snips", "dr") if k in next(iter(versions.values()))["estimates"]]
+    names = [k for k in ESTIMATORS if k in next(iter(versions.values()))["estimates"]]
     width = 0.8 / len(versions)
     for j, (version, row) in enumerate(versions.items()):
         xs = [i + j * width for i in range(len(names))]
@@ -510,7 +523,10 @@ def report_png(result: dict[str, object], path: Path) -> None:
     right.set_ylabel("logged answers")
     right.legend()
     right.grid(alpha=0.3)
-    fig.suptitle(f"kaizen replay evaluate: {result['candidate']} against {result['against']}")
+    fig.suptitle(
+        f"kaizen replay evaluate: {', '.join(result['candidates'])} against {result['against']}"
+        f" ({result['weights']} weights)"
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -7,7 +7,10 @@ users. The rest stay on the serving version, in the same batches (mixed-adapter 
 
 Evidence: every feedback event on an answer either version gave since the experiment
 started is turned into a reward (the shipped reward file; comments, which need a judge,
-count for nothing here) and added to that version's running mean and variance.
+count for nothing here). The events are averaged per unit, by default the answer (a
+thumb, a copy and a dwell on one answer are one observation, not three independent
+ones), or the user, the unit the routing randomises; each version's running mean and
+variance are over those unit means.
 
 Decision: an always-valid confidence sequence for the difference of the means,
 Δ = mean(canary) − mean(serving), from the normal mixture sequential probability ratio
@@ -18,8 +21,8 @@ every event and stop the first time it is decisive:
 - roll back as soon as the whole interval is below 0 (the canary is worse);
 - promote as soon as the whole interval is above −margin (it is not worse by more than
   the margin): a canary worse than that is promoted with probability ≤ α, the stated
-  false-promotion rate (under the normal approximation, which is why each arm needs
-  `min_feedback` events before any decision);
+  false-promotion rate (under the normal approximation and independent units, which is
+  why each arm needs `min_feedback` units before any decision);
 - roll back when the window (time or feedback count) ends first: not shown to be good
   enough is not good enough.
 """
@@ -45,24 +48,50 @@ def in_canary(user_id: str, share: float) -> bool:
 
 @dataclass
 class Arm:
-    """Running mean and variance of one version's rewards (Welford)."""
+    """One version's rewards, averaged per unit (an answer or a user), and the running
+    mean and variance of those unit means: several events on one answer are one
+    observation, not several independent ones. A reward without a unit is its own."""
 
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
+    n: int = 0  # units
+    events: int = 0
+    total: float = 0.0  # Σ unit means
+    squares: float = 0.0  # Σ unit means²
+    units: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
-    def add(self, reward: float) -> None:
-        self.n += 1
-        delta = reward - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (reward - self.mean)
+    def add(self, reward: float, unit: str | None = None) -> None:
+        self.events += 1
+        if unit is None:
+            self._count(reward, +1)
+            return
+        total, k = self.units.get(unit, (0.0, 0))
+        if k:
+            self._count(total / k, -1)
+        total, k = total + reward, k + 1
+        self.units[unit] = (total, k)
+        self._count(total / k, +1)
+
+    def _count(self, value: float, sign: int) -> None:
+        self.n += sign
+        self.total += sign * value
+        self.squares += sign * value * value
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else 0.0
 
     @property
     def variance(self) -> float:
-        return self.m2 / (self.n - 1) if self.n > 1 else 0.0
+        if self.n < 2:
+            return 0.0
+        return max(0.0, (self.squares - self.n * self.mean**2) / (self.n - 1))
 
     def as_dict(self) -> dict[str, float]:
-        return {"n": self.n, "mean": round(self.mean, 4), "std": round(math.sqrt(self.variance), 4)}
+        return {
+            "n": self.n,
+            "events": self.events,
+            "mean": round(self.mean, 4),
+            "std": round(math.sqrt(self.variance), 4),
+        }
 
 
 def msprt_interval(
@@ -93,7 +122,8 @@ class CanaryPolicy:
     alpha: float = 0.05  # false-promotion rate
     margin: float = 0.02  # promote when not worse than serving by more than this
     tau: float = 0.2  # mixing scale: the reward difference the test is tuned to find
-    min_feedback: int = 30  # rewarded events per arm before any decision
+    unit: str = "answer"  # what one observation is: answer | user | event
+    min_feedback: int = 30  # units per arm with rewarded feedback before any decision
     max_feedback: int = 2000  # canary events after which an undecided canary is rolled back
     window_s: float = 3600.0  # …or after this long
 
@@ -115,11 +145,13 @@ class Experiment:
     def __post_init__(self) -> None:
         self.arms = {self.canary: Arm(), self.serving: Arm()}
 
-    def add(self, version: str, reward: float) -> None:
+    def add(self, version: str, reward: float, unit: str | None = None) -> None:
+        """One rewarded event on `version`'s answer; `unit` is the answer's or the user's
+        id as the policy's unit asks (None: the event is its own unit)."""
         with self._lock:
             arm = self.arms.get(version)
             if arm is not None and not self.decision:
-                arm.add(reward)
+                arm.add(reward, unit)
 
     def interval(self) -> tuple[float, float, float]:
         p = self.policy
@@ -149,10 +181,10 @@ class Experiment:
                     f"{p.margin}: Δ {diff:+.3f}, interval [{low:+.3f}, {high:+.3f}]",
                     now,
                 )
-            elif c.n >= p.max_feedback or now - self.started_at >= p.window_s:
+            elif c.events >= p.max_feedback or now - self.started_at >= p.window_s:
                 self.settle(
                     "rollback",
-                    f"undecided at the end of the window ({c.n} canary "
+                    f"undecided at the end of the window ({c.events} canary "
                     f"events, {now - self.started_at:.0f} s): Δ {diff:+.3f}, "
                     f"interval [{low:+.3f}, {high:+.3f}]",
                     now,

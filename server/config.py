@@ -42,7 +42,16 @@ class ServeConfig:
     canary_margin: float = option(
         0.02, "promote a canary not worse than the serving version by more than this reward"
     )
-    canary_min_feedback: int = option(30, "rewarded feedback events per arm before a decision")
+    canary_unit: str = option(
+        "answer",
+        "the canary test's observation: an answer's or a user's mean reward, or each event",
+        ("answer", "user", "event"),
+    )
+    canary_min_feedback: int = option(
+        30,
+        "answers (or users, or events: --canary-unit) per arm with rewarded feedback "
+        "before a decision",
+    )
     canary_max_feedback: int = option(
         2000, "canary feedback events after which an undecided canary is rolled back"
     )
@@ -75,6 +84,7 @@ class ServeConfig:
             share=self.canary_share,
             alpha=self.canary_alpha,
             margin=self.canary_margin,
+            unit=self.canary_unit,
             min_feedback=self.canary_min_feedback,
             max_feedback=self.canary_max_feedback,
             window_s=self.canary_window_s,

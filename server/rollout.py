@@ -84,10 +84,19 @@ class Rollout:
                 continue
             r = reward(ev, self.rewards, words=words)
             if r is not None:
-                experiment.add(version, r)
+                experiment.add(version, r, self._unit(experiment.policy.unit, ev))
                 metrics.CANARY_EVENTS.labels(
                     "canary" if version == experiment.canary else "serving"
                 ).inc()
+
+    @staticmethod
+    def _unit(unit: str, ev: Feedback) -> str | None:
+        """The key events are averaged under before the test sees them."""
+        if unit == "answer":
+            return ev.response_id
+        if unit == "user":
+            return ev.user_id
+        return None  # "event": each event is its own observation
 
     # -- the watcher's thread ----------------------------------------------------------
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner.estimators import effective_sample_size, estimate_all, paired_difference, weights
+from learner.estimators import (
+    effective_sample_size,
+    estimate_all,
+    paired_difference,
+    snips,
+    weights,
+)
 
 K = 6  # answers per prompt
 
@@ -89,6 +95,29 @@ def test_effective_sample_size_collapses_as_the_candidate_moves_away():
     assert ess[0] == pytest.approx(n)  # π = μ: every answer counts fully
     assert ess[0] > ess[1] > ess[2] > ess[3]
     assert ess[3] < 0.2 * n  # nearly deterministic π: a few answers carry the estimate
+
+
+def test_token_mean_weights_do_not_collapse_over_long_answers_and_keep_the_order():
+    rng = np.random.default_rng(5)
+    n, length = 400, 64
+    r = rng.choice([-1.0, 1.0], size=n)  # liked or disliked
+    behaviour = rng.normal(-2.0, 0.5, size=(n, length))  # log μ of each token
+
+    def candidate(lean: float) -> np.ndarray:
+        """log π per token: `lean` higher on liked answers' tokens, lower on disliked."""
+        noise = np.random.default_rng(6).normal(0, 0.3, size=(n, length))
+        return behaviour + lean * r[:, None] + noise
+
+    tokens = np.full(n, length)
+    sequence = weights(candidate(0.1).sum(1), behaviour.sum(1))
+    token = weights(candidate(0.1).sum(1), behaviour.sum(1), tokens)
+    assert effective_sample_size(sequence) < 0.05 * n  # 64 small ratios multiply up
+    assert effective_sample_size(token) > 0.8 * n
+    scores = [
+        snips(weights(candidate(lean).sum(1), behaviour.sum(1), tokens), r)
+        for lean in (-0.1, 0.0, 0.1, 0.2)
+    ]
+    assert scores == sorted(scores) and scores[0] < 0 < scores[-1]
 
 
 def test_a_paired_difference_is_tighter_than_either_estimate_and_sees_a_worse_policy():

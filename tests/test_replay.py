@@ -83,7 +83,7 @@ def test_replay_evaluates_a_candidate_against_the_version_that_logged_the_traffi
     for row in (base, candidate):
         for e in row["estimates"].values():
             assert e["low"] <= e["value"] <= e["high"]
-        assert set(row["estimates"]) == {"ips", "snips", "dr"}
+        assert set(row["estimates"]) == {"ips", "snips", "dr", "dm"}
         assert 0 <= row["preference_accuracy"] <= 1
     assert result["preference_pairs"] >= 1  # the correction, at least
 
@@ -103,9 +103,21 @@ def test_replay_evaluate_on_the_command_line(logged, serve_config, tiny_model, c
     assert result["against"] == "v1"  # by default, the version the server promoted
     assert set(result["versions"]) == {"v0", "v1"}
     assert set(result["versions"]["v1"]["estimates"]) == {"ips", "snips"}  # no DR asked
+    sequence_ess = result["versions"]["v1"]["effective_sample_size"]
 
-    assert main([*argv, "--candidate", "v7"]) == 2
+    # every version, each scored once, ranked; per-token weights do not collapse
+    assert main([*argv, "--candidate", "all", "--weights", "token-mean", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["candidates"] == ["v0", "v1"] and sorted(result["ranking"]) == ["v0", "v1"]
+    snips = {v: row["estimates"]["snips"]["value"] for v, row in result["versions"].items()}
+    assert snips[result["ranking"][0]] >= snips[result["ranking"][1]]
+    assert result["versions"]["v0"]["effective_sample_size"] == pytest.approx(24, rel=1e-3)
+    assert result["versions"]["v1"]["effective_sample_size"] > sequence_ess
+
+    assert main([*argv, "--candidate", "v0,v7"]) == 2
     assert "--candidate: v7 is not in" in capsys.readouterr().err
+    assert main([*argv, "--candidate", "all", "--rank-by", "dr"]) == 2
+    assert "--rank-by dr: needs --direct-method ridge" in capsys.readouterr().err
     missing = ["--buffer", f"sqlite:///{serve_config.registry}/nothing.db"]
     assert main([*argv, "--candidate", "v1", *missing]) == 2
     assert "--buffer:" in capsys.readouterr().err
