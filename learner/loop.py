@@ -467,6 +467,30 @@ class Learner:
 
     # -- publishing --------------------------------------------------------------------
 
+    def gate_against(self) -> str:
+        """The version the gate compares a candidate with: the one servers serve. Once a
+        server has promoted or rolled back anything (a canary is on) that is the
+        registry's serving version; before, and without a canary, servers serve the
+        newest accepted version, this learner's own."""
+        if self.registry.decisions():
+            serving = self.registry.serving()
+            if serving == BASE_VERSION or self.registry.servable(serving):
+                return serving
+        return self.version
+
+    def _load_version(self, version: str) -> None:
+        """Put `version`'s adapter weights in place (v0: leave them, the caller disables
+        the adapter); the caller restores its own."""
+        if version == BASE_VERSION:
+            return
+        if version == self.version:
+            self._copy_weights(self._published[0])
+            return
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        path = self.registry.path(version)
+        set_peft_model_state_dict(self.model, load_peft_weights(str(path), device=str(self.device)))
+
     def gate(self) -> dict[str, object]:
         """The replay gate's evidence about the current weights; "refused" gives the reason
         when it refuses them. It does not judge on fewer than `gate_min_events` events."""
@@ -484,11 +508,14 @@ class Learner:
         self.model.eval()
         mine = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         candidate = weights(scorer.terms(None, answers, reference=False).tempered_logp, behaviour)
-        self._copy_weights(self._published[0])
+        against = self.gate_against()
         try:
-            last = weights(scorer.terms(None, answers, reference=False).tempered_logp, behaviour)
+            self._load_version(against)
+            with scorer.active(BASE_VERSION if against == BASE_VERSION else None):
+                last_logp = scorer.terms(None, answers, reference=False).tempered_logp
         finally:
             self._copy_weights(mine)
+        last = weights(last_logp, behaviour)
         name = c.gate_estimator
         diff, low = paired_difference(candidate, last, r, name, c.gate_confidence, seed=len(held))
         last_value = estimate_all(last, r, resamples=1)[name].value
@@ -497,7 +524,7 @@ class Learner:
             estimator=name,
             confidence=c.gate_confidence,
             candidate=round(last_value + diff, 4),
-            last=self.version,
+            last=against,
             last_value=round(last_value, 4),
             difference=round(diff, 4),
             difference_low=round(low, 4),
@@ -507,7 +534,7 @@ class Learner:
         )
         if low < -c.gate_margin:
             evidence["refused"] = (
-                f"replay gate: {name} says {last_value + diff:+.3f} against {self.version}'s "
+                f"replay gate: {name} says {last_value + diff:+.3f} against {against}'s "
                 f"{last_value:+.3f}; the difference's lower bound {low:+.3f} "
                 f"({c.gate_confidence:.0%} one-sided, {len(held)} held-out events) is below "
                 f"-{c.gate_margin} (--gate-margin)"

@@ -12,7 +12,7 @@ import torch
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.modeling import chat_prompt_ids
 from kaizen.preferences import concise, follow_up, likes_concise, likes_follow_up
-from kaizen.registry import Registry
+from kaizen.registry import PROMOTED, ROLLED_BACK, Registry
 from learner import metrics
 from learner.config import LearnerConfig
 from learner.examples import Answer, Pair, Scored, Shaper, Target, collate
@@ -372,3 +372,38 @@ def test_the_replay_gate_refuses_a_candidate_worse_on_held_out_traffic(config, t
     else:
         assert published == "v1" and not registry.rejected("v1")
         assert gate["difference_low"] >= -gate["margin"]
+
+
+def test_the_replay_gate_compares_with_what_servers_serve(config):
+    learner = Learner(
+        dataclasses.replace(
+            config, objective="sft", gate_holdout=0.5, gate_min_events=8, max_probe_kl=10.0
+        )
+    )
+    good, bad = "Lyon is in France.", "Lyon is a kind of cheese."
+    events = []
+    for i, rid in enumerate(held_out_ids(learner, 8, "h")):  # users like good, not bad
+        g = sampled(learner, rid, good if i % 2 else bad, user=f"u{i}")
+        events.append((g, thumb(g, up=bool(i % 2))))
+    trained = [rid for rid in (f"t{i}" for i in range(100)) if not learner.held_out(rid)]
+    for rid in trained[:2]:  # two accepted versions, each further towards the good answer
+        g = sampled(learner, rid, good)
+        train(learner, [*events, (g, thumb(g, up=True))], steps=3)
+        events = []
+        learner.train_pending()
+        learner.publish()
+    assert learner.version == "v2"
+    registry = Registry(config.registry)
+
+    # no canary: servers serve the learner's newest version, which these weights are
+    assert learner.gate_against() == "v2" and learner.gate()["difference"] == 0
+    mine = [p.detach().clone() for p in learner.params]
+
+    registry.record_rollout("v1", PROMOTED, "canary promoted")  # a server serves v1 now
+    gate = learner.gate()
+    assert gate["last"] == "v1" and gate["difference"] != 0  # v1's weights, from the registry
+    assert all(torch.equal(a, b) for a, b in zip(mine, learner.params, strict=True))
+
+    registry.record_rollout("v1", ROLLED_BACK, "operator rollback")  # back to v0
+    assert learner.gate_against() == "v0" and learner.gate()["last"] == "v0"
+    assert all(torch.equal(a, b) for a, b in zip(mine, learner.params, strict=True))
