@@ -110,6 +110,7 @@ def run(config: LearnBench) -> dict[str, object]:
                 wait_serving_version(server.channel, final)
         say(f"measuring {final} on the held-out prompts")
         after = heldout_answers(server.channel, heldout, **sample)
+        rollout = _rollout(server.channel, out / "buffer.db") if _canary(server_args) else None
 
     rate_before = sum(liked(p, a) for p, a, _ in before) / len(before)
     rate_after = sum(liked(p, a) for p, a, _ in after) / len(after)
@@ -143,7 +144,7 @@ def run(config: LearnBench) -> dict[str, object]:
         "learning_curve_png": str(out / "learning_curve.png"),
         "learner_args": config.learner_args,
         "server_args": config.server_args,
-        "rollout": _rollout(registry, out / "buffer.db") if _canary(server_args) else None,
+        "rollout": rollout,
     }
 
 
@@ -165,41 +166,45 @@ def _serving(channel) -> str:
     return info.versions[0].version
 
 
-def _rollout(registry: Registry, buffer: Path) -> dict[str, dict[str, object]]:
-    """Per published version: what the canary test decided, and the share of all answers
-    the version gave while it was under test (never more than the canary share, unless
-    it was promoted)."""
+def _rollout(channel, buffer: Path) -> dict[str, dict[str, object]]:
+    """Per published version, as the server's ListVersions tells it: its state, why, and
+    for a version that was canaried, the canary test's figures and the share of all
+    answers it gave while under test (never more than the canary share, unless it was
+    promoted)."""
+    import json
     import sqlite3
 
+    from kaizen.v1 import model_pb2, model_pb2_grpc
+
+    stub = model_pb2_grpc.ModelServiceStub(channel)
+    versions = stub.ListVersions(model_pb2.ListVersionsRequest()).versions
     db = sqlite3.connect(buffer)
     report = {}
-    for version in registry.versions():
-        record = registry.rollout(version)
-        row: dict[str, object] = {
-            "state": "rejected_by_learner" if registry.rejected(version) else "not_decided"
-        }
-        if record is not None:
-            evidence = record.get("evidence") or {}
-            row = {"state": record["state"], "reason": record["reason"]}
-            if "started_at" in evidence:
-                start, end = evidence["started_at"], record["at"]
-                total, mine = db.execute(
-                    "SELECT COUNT(*), SUM(model_version = ?) FROM generations"
-                    " WHERE created_at BETWEEN ? AND ?",
-                    (version, start, end),
-                ).fetchone()
-                row.update(
-                    canary_s=round(end - start, 1),
-                    answers_while_canary=total,
-                    share_while_canary=round((mine or 0) / total, 4) if total else None,
-                    arms=evidence.get("arms"),
-                    diff=evidence.get("diff"),
-                    interval=[evidence.get("low"), evidence.get("high")],
-                )
+    for info in versions:
+        if info.version == BASE_VERSION:
+            continue
+        row: dict[str, object] = {"state": info.state, "reason": info.reason}
+        canary = json.loads(info.evidence_json or "{}").get("canary") or {}
+        if "started_at" in canary:
+            start = canary["started_at"]
+            end = canary.get("decided_at") or time.time()
+            total, mine = db.execute(
+                "SELECT COUNT(*), SUM(model_version = ?) FROM generations"
+                " WHERE created_at BETWEEN ? AND ?",
+                (info.version, start, end),
+            ).fetchone()
+            row.update(
+                canary_s=round(end - start, 1),
+                answers_while_canary=total,
+                share_while_canary=round((mine or 0) / total, 4) if total else None,
+                arms=canary.get("arms"),
+                diff=canary.get("diff"),
+                interval=[canary.get("low"), canary.get("high")],
+            )
         row["answers"] = db.execute(
-            "SELECT COUNT(*) FROM generations WHERE model_version = ?", (version,)
+            "SELECT COUNT(*) FROM generations WHERE model_version = ?", (info.version,)
         ).fetchone()[0]
-        report[version] = row
+        report[info.version] = row
     db.close()
     return report
 

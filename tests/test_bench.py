@@ -149,6 +149,31 @@ def test_bench_learn(tiny_model, capsys, tmp_path):
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_learn_with_a_canary_reports_each_versions_rollout(tiny_model, capsys, tmp_path):
+    figures = bench(
+        capsys,
+        "learn",
+        *("--model", str(tiny_model), "--events", "30", "--heldout", "4", "--users", "4"),
+        *("--concurrency", "4", "--max-new-tokens", "8", "--objective", "reinforce"),
+        *("--out", str(tmp_path / "run")),
+        "--learner-args=--publish-every 4 --batch-size 4 --batch-wait-s 0.2 --poll-s 0.1 --lr 1e-2",
+        "--server-args=--canary-share 0.5 --canary-min-feedback 2 --canary-window-s 2",
+    )
+    rollout = figures["rollout"]
+    assert set(rollout) == {f"v{n}" for n in range(1, len(rollout) + 1)}
+    assert len(rollout) >= figures["versions_published"] >= 1
+    states = {row["state"] for row in rollout.values()}
+    assert states <= {"serving", "canary", "pending", "rolled_back", "retired", "skipped"}
+    canaried = [row for row in rollout.values() if "canary_s" in row]
+    assert canaried, rollout  # a 2 s window: the first version was tested and decided
+    for row in canaried:
+        assert 0 <= row["share_while_canary"] <= 1 and row["answers_while_canary"] > 0
+        assert row["interval"][0] is None or row["interval"][0] <= row["diff"]
+    # what the held-out prompts were measured on is what the rollout left serving
+    serving = [v for v, row in rollout.items() if row["state"] == "serving"]
+    assert figures["final_version"] == (serving[0] if serving else "v0")
+
+
 def test_wilson_interval():
     from bench.learn import wilson
 
