@@ -349,7 +349,9 @@ def _estimate_version(
             sampled = scorer.sample(
                 version, [answers[i].prompt for i in rows], temperature, longest
             )
-            own = scorer.terms(BASE_VERSION, sampled)
+            own = scorer.terms(
+                BASE_VERSION, sampled, desc=f"features of {len(sampled)} answers of {version}"
+            )
             policy_features[rows] = own.features
         dm_logged, dm_policy = cross_fit(t.features, r, policy_features)
     estimates = estimate_all(w, r, dm_logged, dm_policy, config.level, config.resamples)
@@ -423,8 +425,9 @@ def evaluate(config) -> dict[str, object]:
     for version in dict.fromkeys((*candidates, against)):
         row = _estimate_version(scorer, version, usable, answers, r, behaviour, config)
         if pairs:
-            chosen = scorer.terms(version, [p[0] for p in pairs]).logp
-            other = scorer.terms(version, [p[1] for p in pairs]).logp
+            desc = f"{version} on {len(pairs)} preference pairs"
+            chosen = scorer.terms(version, [p[0] for p in pairs], desc=desc + " (preferred)").logp
+            other = scorer.terms(version, [p[1] for p in pairs], desc=desc + " (other)").logp
             row["preference_accuracy"] = round(float(np.mean(chosen > other)), 4)
         with scorer.active(version):
             ppl = perplexity(scorer.model, windows, device)
