@@ -96,6 +96,7 @@ def run(config: LearnBench) -> dict[str, object]:
             deadline = started + config.max_wall_s
             tally = sim.run(config.events, config.concurrency, progress, deadline)
             sim_s = time.monotonic() - sim_started
+            users_stopped = time.time()
         finally:
             learner.terminate()
             learner_exit = learner.wait(timeout=120)
@@ -110,7 +111,11 @@ def run(config: LearnBench) -> dict[str, object]:
                 wait_serving_version(server.channel, final)
         say(f"measuring {final} on the held-out prompts")
         after = heldout_answers(server.channel, heldout, **sample)
-        rollout = _rollout(server.channel, out / "buffer.db") if _canary(server_args) else None
+        rollout = (
+            _rollout(server.channel, out / "buffer.db", users_stopped)
+            if _canary(server_args)
+            else None
+        )
 
     rate_before = sum(liked(p, a) for p, a, _ in before) / len(before)
     rate_after = sum(liked(p, a) for p, a, _ in after) / len(after)
@@ -166,11 +171,12 @@ def _serving(channel) -> str:
     return info.versions[0].version
 
 
-def _rollout(channel, buffer: Path) -> dict[str, dict[str, object]]:
+def _rollout(channel, buffer: Path, users_stopped: float) -> dict[str, dict[str, object]]:
     """Per published version, as the server's ListVersions tells it: its state, why, and
     for a version that was canaried, the canary test's figures and the share of all
     answers it gave while under test (never more than the canary share, unless it was
-    promoted)."""
+    promoted). A canary still under test is counted until the users stopped, not over
+    the held-out measurement, which does not go through the canary's users."""
     import json
     import sqlite3
 
@@ -187,7 +193,7 @@ def _rollout(channel, buffer: Path) -> dict[str, dict[str, object]]:
         canary = json.loads(info.evidence_json or "{}").get("canary") or {}
         if "started_at" in canary:
             start = canary["started_at"]
-            end = canary.get("decided_at") or time.time()
+            end = canary.get("decided_at") or max(start, users_stopped)
             total, mine = db.execute(
                 "SELECT COUNT(*), SUM(model_version = ?) FROM generations"
                 " WHERE created_at BETWEEN ? AND ?",

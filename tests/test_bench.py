@@ -165,9 +165,13 @@ def test_bench_learn_with_a_canary_reports_each_versions_rollout(tiny_model, cap
     states = {row["state"] for row in rollout.values()}
     assert states <= {"serving", "canary", "pending", "rolled_back", "retired", "skipped"}
     canaried = [row for row in rollout.values() if "canary_s" in row]
-    assert canaried, rollout  # a 2 s window: the first version was tested and decided
-    for row in canaried:
-        assert 0 <= row["share_while_canary"] <= 1 and row["answers_while_canary"] > 0
+    assert canaried, rollout  # the server put a published version under test
+    for row in canaried:  # a canary that started as the users stopped gave them no answers
+        if row["answers_while_canary"]:
+            assert 0 <= row["share_while_canary"] <= 1
+        else:
+            assert row["share_while_canary"] is None
+        assert row["canary_s"] >= 0
         assert row["interval"][0] is None or row["interval"][0] <= row["diff"]
     # what the held-out prompts were measured on is what the rollout left serving
     serving = [v for v, row in rollout.items() if row["state"] == "serving"]
