@@ -30,7 +30,17 @@ def _model_prepare(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from kaizen.demo import run_demo
 
-    return run_demo(args.model, rounds=args.rounds, publish_every=args.publish_every)
+    try:
+        return run_demo(
+            args.model,
+            rounds=args.rounds,
+            publish_every=args.publish_every,
+            users_per_round=args.users_per_round,
+            data=args.data,
+        )
+    except ValueError as exc:
+        print(f"kaizen demo: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
         "learner publishing a new version that the server then serves.",
     )
     demo.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="base checkpoint")
-    demo.add_argument("--rounds", type=int, default=2, help="versions to wait for")
+    demo.add_argument("--rounds", type=int, default=2, help="new versions to wait for (default: 2)")
     demo.add_argument(
-        "--publish-every", type=int, default=8, help="rewarded samples between versions"
+        "--publish-every",
+        type=int,
+        default=8,
+        help="the learner's --publish-every: examples between versions (default: 8)",
+    )
+    demo.add_argument(
+        "--users-per-round",
+        type=int,
+        default=8,
+        help="users who chat and rate at a time; more come while the learner waits (default: 8)",
+    )
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=Path("kaizen-data/demo"),
+        help="where the buffer, registry and logs go; wiped first (default: kaizen-data/demo)",
     )
     demo.set_defaults(func=_demo)
 

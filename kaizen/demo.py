@@ -123,21 +123,77 @@ class Users:
         return self.model.GetModelInfo(model_pb2.GetModelInfoRequest()).versions[0].version
 
 
-def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
+MARK = ".kaizen-demo"
+
+
+def fresh_dir(data: Path) -> Path:
+    """`data`, emptied: only a directory the demo made itself (it holds MARK) or an empty
+    one is wiped, never a directory of someone else's."""
+    if data.exists() and any(data.iterdir()) and not (data / MARK).exists():
+        raise ValueError(f"--data: {data} is not empty and was not made by kaizen demo")
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    (data / MARK).touch()
+    return data
+
+
+def learner_metrics(port: int) -> dict[str, float]:
+    """The learner's /metrics as {sample name with its labels: value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def learner_waits(port: int, sent: int) -> str:
+    """Why the learner, having read all `sent` feedback events, publishes nothing more
+    without more feedback; empty while it is still reading, training or publishing."""
+    try:
+        m = learner_metrics(port)
+    except OSError:
+        return ""  # not listening yet
+    read = sum(v for k, v in m.items() if k.startswith("kaizen_learner_samples_total"))
+    if read < sent or m.get("kaizen_learner_pending_examples", 0) > 0:
+        return ""
+    trained = int(m.get("kaizen_learner_examples_since_publish{kind=trained}", 0))
+    held = int(m.get("kaizen_learner_examples_since_publish{kind=held_out}", 0))
+    every = int(m.get("kaizen_learner_publish_every", 0))
+    if trained and trained + held >= every:
+        return ""  # a version is due: it is publishing
+    return f"the learner has {trained} trained + {held} held out of --publish-every {every}"
+
+
+def run_demo(
+    model: Path,
+    rounds: int = 2,
+    publish_every: int = 8,
+    users_per_round: int = 8,
+    data: Path = DATA,
+    patience_s: float = 600.0,
+) -> int:
+    """Run the loop until the server has served `rounds` new versions. Users keep coming
+    while the learner waits for feedback: the demo never waits on feedback it will not
+    send. It gives up only when nothing at all moves for `patience_s`."""
     if not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"--model: {model} is not prepared; run `kaizen model prepare`")
-    shutil.rmtree(DATA, ignore_errors=True)
-    DATA.mkdir(parents=True)
-    port = free_port()
-    common = [
-        "--model",
-        str(model),
-        "--buffer",
-        f"sqlite:///{DATA}/buffer.db",
-        "--registry",
-        str(DATA / "registry"),
-    ]
-    print(f"kaizen demo: data in {DATA}/, logs in {DATA}/serve.log and {DATA}/learn.log")
+    for name, value in (("--rounds", rounds), ("--publish-every", publish_every)):
+        if value < 1:
+            raise ValueError(f"{name}: must be at least 1, got {value}")
+    if users_per_round < 1:
+        raise ValueError(f"--users-per-round: must be at least 1, got {users_per_round}")
+    data = fresh_dir(Path(data))
+    port, learner_port = free_port(), free_port()
+    common = ["--model", str(model), "--buffer", f"sqlite:///{data}/buffer.db"]
+    common += ["--registry", str(data / "registry")]
+    print(f"kaizen demo: data in {data}/, logs in {data}/serve.log and {data}/learn.log")
     server = start_kaizen(
         [
             "serve",
@@ -145,47 +201,59 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
             *("--port", str(port), "--metrics-port", str(free_port())),
             *("--canary-share", "0"),  # the demo shows each version taking over at once
         ],
-        DATA / "serve.log",
+        data / "serve.log",
     )
     learner = start_kaizen(
         [
             "learn",
             *common,
-            "--objective",
-            "reinforce",  # thumbs up and down, both ways
-            "--publish-every",
-            str(publish_every),
-            "--batch-size",
-            str(publish_every),
-            "--metrics-port",
-            "-1",
+            *("--objective", "reinforce"),  # thumbs up and down, both ways
+            *("--publish-every", str(publish_every), "--batch-size", str(publish_every)),
+            *("--metrics-port", str(learner_port)),
         ],
-        DATA / "learn.log",
+        data / "learn.log",
     )
+    registry = Registry(data / "registry")
     started = time.monotonic()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            wait_serving(channel, server, DATA / "serve.log")
+            wait_serving(channel, server, data / "serve.log")
             users = Users(channel)
             print(f"server ready in {time.monotonic() - started:.0f} s, serving {users.serving()}")
-            for target in range(1, rounds + 1):
-                print(f"\nround {target}: {publish_every} users ask, read, and rate")
-                users.round(publish_every)
-                wanted = f"v{target}"
-                print(f"waiting for the learner to publish {wanted} and the server to serve it …")
-                deadline = time.monotonic() + 600
-                while users.serving() != wanted:
-                    if learner.poll() is not None:
+            for _ in range(rounds):
+                before = users.serving()
+                n = users.turn // users_per_round + 1
+                print(f"\nround {n}: {users_per_round} users ask, read, and rate")
+                users.round(users_per_round)
+                print("waiting for the learner to publish a version and the server to serve it …")
+                seen = registry.latest()
+                moved = time.monotonic()
+                while (now := users.serving()) == before:
+                    for proc, name in ((learner, "learn"), (server, "serve")):
+                        if proc.poll() is not None:
+                            tail = (data / f"{name}.log").read_text()[-3000:]
+                            raise RuntimeError(f"kaizen {name} exited:\n{tail}")
+                    newest = registry.latest()
+                    why = ""
+                    if newest != seen and registry.rejected(newest):
+                        why = f"{newest} was rejected ({registry.rejected(newest)})"
+                        seen = newest
+                    elif newest == seen:
+                        why = learner_waits(learner_port, users.turn)
+                    if why:
+                        print(f"{why}: {users_per_round} more users")
+                        users.round(users_per_round)
+                        moved = time.monotonic()
+                    elif time.monotonic() - moved > patience_s:
                         raise RuntimeError(
-                            f"kaizen learn exited:\n{(DATA / 'learn.log').read_text()[-3000:]}"
+                            f"nothing moved in {patience_s:.0f} s; see {data}/learn.log and "
+                            f"{data}/serve.log"
                         )
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{wanted} was not served within 600 s")
                     time.sleep(0.5)
-                print(f"the server now serves {wanted}")
+                print(f"the server now serves {now}")
             print(f"\nfinal round: answers from {users.serving()}")
-            users.round(publish_every)
-        _summary(Registry(DATA / "registry"))
+            users.round(users_per_round)
+        _summary(registry)
         print(f"\ndone in {time.monotonic() - started:.0f} s")
         return 0
     finally:
@@ -200,13 +268,15 @@ def run_demo(model: Path, rounds: int = 2, publish_every: int = 8) -> int:
 
 def _summary(registry: Registry) -> None:
     print("\nversions published by the learner:")
-    print("  version  parent  samples  mean reward  steps  cursor")
+    print("  version  parent  trained  held out  mean reward  steps  cursor")
     for version in registry.versions():
         m = registry.manifest(version)
         meta = m.metadata
         mean = meta.get("window_mean_reward")
         mean_text = f"{mean:+.2f}" if isinstance(mean, float) else "  n/a"
+        rejected = "  rejected" if registry.rejected(version) else ""
         print(
             f"  {version:>7}  {m.parent:>6}  {meta.get('window_examples', 0):7d}  "
-            f"{mean_text:>11}  {meta.get('steps', 0):5d}  {meta.get('cursor', 0):6d}"
+            f"{meta.get('window_held_out', 0):8d}  {mean_text:>11}  {meta.get('steps', 0):5d}  "
+            f"{meta.get('cursor', 0):6d}{rejected}"
         )

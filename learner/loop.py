@@ -76,7 +76,8 @@ class Progress:
     samples: int = 0  # examples trained on, all versions together
     rejected: int = 0  # candidates a guard refused since the last publish
     window_rewards: list[float] = field(default_factory=list)  # since the last publish
-    window_examples: int = 0
+    window_examples: int = 0  # examples trained on since the last publish
+    window_held_out: int = 0  # events set aside for the gate since the last publish
 
 
 @dataclass(frozen=True)
@@ -187,11 +188,21 @@ class Learner:
         metrics.CURSOR.set(self.progress.cursor)
         metrics.BASELINE.set(self.progress.baseline)
         metrics.VERSION.set(version_number(self.version))
+        metrics.PUBLISH_EVERY.set(config.publish_every)
 
     @property
     def since_publish(self) -> int:
-        """Examples trained on since the last publish."""
-        return self.progress.window_examples
+        """What counts toward --publish-every: examples trained on since the last publish,
+        plus the events held out for the gate in that time. A held-out event is consumed
+        like a trained one (the cursor passes it, the gate weighs it), so a version is due
+        after N events' worth of examples whichever slice each event fell in; without
+        that, feedback that happened to be held out left the learner short of its count
+        with nothing more coming (issue 16)."""
+        return self.progress.window_examples + self.progress.window_held_out
+
+    def due(self) -> bool:
+        """A version is due: --publish-every reached, with something trained to publish."""
+        return self.progress.window_examples > 0 and self.since_publish >= self.config.publish_every
 
     # -- reading -----------------------------------------------------------------------
 
@@ -218,6 +229,8 @@ class Learner:
             if r is not None and answer.behaviour is not None and g.sampling.top_p >= 1.0:
                 self.heldout.append((answer, r))
             metrics.SAMPLES.labels("held_out").inc()
+            self.progress.window_held_out += 1
+            self._show_window()
             return
         score = None
         if fb.kind == FeedbackKind.COMMENT and fb.text.strip() and self.rewards.comment:
@@ -395,7 +408,21 @@ class Learner:
         self.progress.window_examples += len(batch)
         self.progress.window_rewards.extend(ex.reward for ex in batch if isinstance(ex, Scored))
         metrics.CURSOR.set(self.progress.cursor)
+        self._show_window()
         return result
+
+    def _show_window(self) -> None:
+        metrics.SINCE_PUBLISH.labels("trained").set(self.progress.window_examples)
+        metrics.SINCE_PUBLISH.labels("held_out").set(self.progress.window_held_out)
+        metrics.PENDING.set(len(self.pending))
+
+    def waiting(self) -> str:
+        """Why an idle learner has not published: what it has, and what it waits for."""
+        p, n = self.progress, self.config.publish_every
+        have = f"{p.window_examples} trained + {p.window_held_out} held out since {self.version}"
+        if p.window_examples == 0 and p.window_held_out >= n:
+            return f"{have}: nothing trained to publish; waiting for feedback to train on"
+        return f"{have}: waiting for {n - self.since_publish} more (--publish-every {n})"
 
     # -- guards ------------------------------------------------------------------------
 
@@ -553,8 +580,11 @@ class Learner:
             "window_rewards": len(rewards),
             "window_mean_reward": sum(rewards) / len(rewards) if rewards else None,
         }
+        window["window_held_out"] = self.progress.window_held_out
         self.progress.window_rewards = []
         self.progress.window_examples = 0
+        self.progress.window_held_out = 0
+        self._show_window()
         guard, reason, gate = "", "", {}
         if probe_kl > self.config.max_probe_kl:
             guard = "probe_kl"
@@ -625,17 +655,26 @@ class Learner:
         return self.version
 
     def run(self, stop: threading.Event) -> None:
-        """Learn until `stop` is set or max_steps is reached."""
+        """Learn until `stop` is set or max_steps is reached. Each time it runs out of
+        events it logs once what it has and what it waits for."""
+        said = ""
         while not stop.is_set():
             self.fill()
-            if self.ready(self.config.batch_wait_s):
+            self._show_window()
+            trained = self.ready(self.config.batch_wait_s)
+            if trained:
                 self.train_pending()
-                if self.since_publish >= self.config.publish_every:
-                    self.publish()
+            if self.due():
+                self.publish()
+            if trained:
+                said = ""
                 if self.config.max_steps and self.progress.steps >= self.config.max_steps:
                     return
-            else:
-                stop.wait(self.config.poll_s)
+                continue
+            if not self.pending and self.since_publish and (why := self.waiting()) != said:
+                log.info("%s", why)
+                said = why
+            stop.wait(self.config.poll_s)
 
 
 class _Reference:

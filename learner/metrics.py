@@ -33,6 +33,16 @@ GUARD_TRIPS = Counter(
     "(probe_kl, replay_gate)",
     ["guard"],
 )
+SINCE_PUBLISH = Gauge(
+    "kaizen_learner_examples_since_publish",
+    "What counts toward --publish-every since the last version: examples trained on "
+    "(trained) and events held out for the replay gate (held_out)",
+    ["kind"],
+)
+PUBLISH_EVERY = Gauge(
+    "kaizen_learner_publish_every", "--publish-every: a version is due at this many examples"
+)
+PENDING = Gauge("kaizen_learner_pending_examples", "Examples read into the batch being filled")
 PROBE_KL = Gauge("kaizen_learner_probe_kl", "Mean per-token KL to the base on the probe set")
 REJECTED = Counter("kaizen_learner_versions_rejected_total", "Candidates a guard refused")
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")
@@ -40,5 +50,7 @@ VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN publi
 
 for _result in ("ok", "nonfinite_loss", "nonfinite_grad"):  # so a first failure is a change
     STEPS.labels(_result)
+for _kind in ("trained", "held_out"):
+    SINCE_PUBLISH.labels(_kind)
 for _guard in ("nonfinite_loss", "nonfinite_grad", "probe_kl", "replay_gate"):
     GUARD_TRIPS.labels(_guard)

@@ -268,3 +268,53 @@ def test_run_publishes_every_n_examples_and_the_judge_scores_comments(learner_co
     judged = learner.rewards.comment * learner.judge.score(["hmm"])[0]
     assert learner.progress.window_rewards == [pytest.approx(judged)]
     assert registry.manifest("v1").metadata["window_examples"] == 2
+
+
+def test_held_out_events_count_toward_publish_every(learner_config, caplog):
+    """Issue 16: 4 events of which one falls in the gate's slice are 4 toward
+    --publish-every 4, so the version comes; 2 events log what the learner waits for."""
+    config = dataclasses.replace(learner_config, publish_every=4, batch_size=4, gate_holdout=0.5)
+    learner = Learner(config)
+    ids = [f"r{i}" for i in range(64)]
+    held = [r for r in ids if learner.held_out(r)][:1]
+    trained = [r for r in ids if not learner.held_out(r)][:5]
+    rows = [*trained[:2], *held, *trained[2:3]]  # 2 trained, 1 held out, 1 trained
+    for i, rid in enumerate(rows[:2]):
+        learner.buffer.append_generation(make_generation(learner.tokenizer, rid, f"Answer {i}."))
+        learner.buffer.append_feedback([Feedback(f"e{i}", rid, "u", FeedbackKind.THUMB, 1)])
+    stop = threading.Event()
+    runner = threading.Thread(target=learner.run, args=(stop,))
+    caplog.set_level("INFO", logger="learner.loop")
+    runner.start()
+    registry = Registry(config.registry)
+    try:
+        wait = time.monotonic() + 60
+        while "waiting for 2 more (--publish-every 4)" not in caplog.text:
+            assert time.monotonic() < wait, f"no waiting line in the log:\n{caplog.text}"
+            time.sleep(0.05)
+        assert registry.versions() == []
+        for i, rid in enumerate(rows[2:], start=2):
+            text = f"Answer {i}."
+            learner.buffer.append_generation(make_generation(learner.tokenizer, rid, text))
+            learner.buffer.append_feedback([Feedback(f"e{i}", rid, "u", FeedbackKind.THUMB, 1)])
+        while registry.latest() != "v1":
+            assert time.monotonic() < wait, "a held-out event left the learner short"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join()
+    meta = registry.manifest("v1").metadata
+    assert (meta["window_examples"], meta["window_held_out"], meta["cursor"]) == (3, 1, 4)
+    assert learner.since_publish == 0
+
+
+def test_only_held_out_events_publish_nothing(learner_config):
+    config = dataclasses.replace(learner_config, publish_every=2, batch_size=2, gate_holdout=0.5)
+    learner = Learner(config)
+    held = [r for r in (f"r{i}" for i in range(64)) if learner.held_out(r)][:3]
+    for i, rid in enumerate(held):
+        learner.buffer.append_generation(make_generation(learner.tokenizer, rid, f"Answer {i}."))
+        learner.buffer.append_feedback([Feedback(f"e{i}", rid, "u", FeedbackKind.THUMB, 1)])
+    learner.fill()
+    assert not learner.pending and learner.since_publish == 3 and not learner.due()
+    assert "nothing trained to publish" in learner.waiting()
