@@ -21,6 +21,8 @@ from pathlib import Path
 
 import grpc
 
+from kaizen.auth import local_key
+from kaizen.client import connect
 from kaizen.demo import free_port, start_kaizen, wait_serving
 from kaizen.v1 import chat_pb2, chat_pb2_grpc
 
@@ -87,8 +89,11 @@ def kaizen_server(
     """Start `kaizen serve` in `workdir` (absolute), wait for SERVING; SIGTERM it on exit.
     `extra` flags come last, so they override the defaults here."""
     port = free_port()
+    keys, key = local_key(workdir / "auth")  # auth on, as deployed
     args = [
         "serve",
+        "--auth-keys",
+        str(keys),
         "--model",
         str(model),
         "--port",
@@ -107,10 +112,13 @@ def kaizen_server(
         str(max(512, new_tokens)),
         "--dtype",
         dtype,
+        # a benchmark's few simulated users send far more than people would
+        *("--user-requests-per-min", "1e9", "--user-feedback-per-min", "1e9"),
+        *("--key-requests-per-min", "1e9", "--key-feedback-per-min", "1e9"),
         *extra,
     ]
     process = start_kaizen(args, workdir / "serve.log")
-    server = ServerProcess(process, grpc.insecure_channel(f"127.0.0.1:{port}"), workdir)
+    server = ServerProcess(process, connect(f"127.0.0.1:{port}", key), workdir)
     finished = False
     try:
         started = time.monotonic()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from kaizen.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
+from kaizen.errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
 from kaizen.events import Feedback, FeedbackKind, Generation
 
 SCHEMA = """
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     value REAL NOT NULL,
     text TEXT NOT NULL,
     payload_sha256 TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT ''   -- who sent it: key:NAME, user:ID or insecure
 );
 CREATE INDEX IF NOT EXISTS feedback_response ON feedback(response_id);
 """
@@ -130,6 +131,7 @@ class SQLiteBuffer:
         self._read_lock = threading.Lock()
         self._reader = self._connect()
         self._reader.executescript(SCHEMA)
+        _migrate(self._reader)
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
         self._closed = False
@@ -292,6 +294,13 @@ class SQLiteBuffer:
             self._reader.close()
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a buffer written by an older kaizen up to SCHEMA (columns added since)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(feedback)")}
+    if "source" not in columns:
+        conn.execute("ALTER TABLE feedback ADD COLUMN source TEXT NOT NULL DEFAULT ''")
+
+
 def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreResult:
     new: list[bool] = []
     now = time.time()
@@ -311,13 +320,12 @@ def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreR
             "SELECT 1 FROM generations WHERE response_id = ?", (ev.response_id,)
         ).fetchone()
         if known is None:
-            raise InvalidArgument(
-                "response_id",
-                f"unknown response_id {ev.response_id!r} (event_id {ev.event_id!r})",
+            raise NotFound(
+                f"response_id: unknown response_id {ev.response_id!r} (event_id {ev.event_id!r})"
             )
         conn.execute(
             "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
-            " payload_sha256, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " payload_sha256, received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 ev.event_id,
                 ev.response_id,
@@ -327,6 +335,7 @@ def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreR
                 ev.text,
                 digest,
                 ev.received_at or now,
+                ev.source,
             ),
         )
         new.append(True)

@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
 
-    from kaizen import simulate
+    from kaizen import auth, simulate
 
     simulate.add_parser(commands)
+    auth.add_parser(commands)
 
     for ep in sorted(entry_points(group="kaizen.commands"), key=lambda e: e.name):
         ep.load()(commands)

@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kaizen.auth import local_key
+from kaizen.client import connect
 from kaizen.registry import Registry
 from kaizen.v1 import (
     chat_pb2,
@@ -166,6 +168,8 @@ def learner_waits(port: int, sent: int) -> str:
     trained = int(m.get("kaizen_learner_examples_since_publish{kind=trained}", 0))
     held = int(m.get("kaizen_learner_examples_since_publish{kind=held_out}", 0))
     every = int(m.get("kaizen_learner_publish_every", 0))
+    if trained + held == 0:
+        return ""  # nothing read since its last version: that one is on its way to serving
     if trained and trained + held >= every:
         return ""  # a version is due: it is publishing
     return f"the learner has {trained} trained + {held} held out of --publish-every {every}"
@@ -190,6 +194,7 @@ def run_demo(
     if users_per_round < 1:
         raise ValueError(f"--users-per-round: must be at least 1, got {users_per_round}")
     data = fresh_dir(Path(data))
+    keys, key = local_key(data / "auth")  # auth on, as deployed: one key, every scope
     port, learner_port = free_port(), free_port()
     common = ["--model", str(model), "--buffer", f"sqlite:///{data}/buffer.db"]
     common += ["--registry", str(data / "registry")]
@@ -198,6 +203,7 @@ def run_demo(
         [
             "serve",
             *common,
+            *("--auth-keys", str(keys)),
             *("--port", str(port), "--metrics-port", str(free_port())),
             *("--canary-share", "0"),  # the demo shows each version taking over at once
         ],
@@ -216,17 +222,16 @@ def run_demo(
     registry = Registry(data / "registry")
     started = time.monotonic()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with connect(f"127.0.0.1:{port}", key) as channel:
             wait_serving(channel, server, data / "serve.log")
             users = Users(channel)
             print(f"server ready in {time.monotonic() - started:.0f} s, serving {users.serving()}")
             for _ in range(rounds):
-                before = users.serving()
+                before, seen = users.serving(), registry.latest()
                 n = users.turn // users_per_round + 1
                 print(f"\nround {n}: {users_per_round} users ask, read, and rate")
                 users.round(users_per_round)
                 print("waiting for the learner to publish a version and the server to serve it …")
-                seen = registry.latest()
                 moved = time.monotonic()
                 while (now := users.serving()) == before:
                     for proc, name in ((learner, "learn"), (server, "serve")):

@@ -53,13 +53,19 @@ class FailedPrecondition(InvalidArgument):
     status = "FAILED_PRECONDITION"
 
 
+class NotFound(KaizenError):
+    """A reference to something that does not exist (an unknown response_id)."""
+
+    status = "NOT_FOUND"
+
+
 class Unauthenticated(KaizenError):
-    """An admin RPC without the credentials the server was started with."""
+    """No credential, or one that is malformed, expired, revoked or unknown."""
 
     status = "UNAUTHENTICATED"
 
 
 class PermissionDenied(KaizenError):
-    """An admin RPC with credentials that do not match."""
+    """A valid credential that may not do this: a missing scope, another user's answer."""
 
     status = "PERMISSION_DENIED"

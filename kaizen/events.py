@@ -77,6 +77,7 @@ class Feedback:
     value: float = 0.0  # thumb ±1, rating 1..5, dwell in ms; 0 where the kind says it all
     text: str = ""  # comment or correction
     received_at: float = field(default=0.0, compare=False)  # unix seconds
+    source: str = field(default="", compare=False)  # who sent it: key:NAME, user:ID, insecure
 
     def payload_sha256(self) -> str:
         """Identity of the payload, for telling a retry from a conflicting reuse of event_id."""

@@ -8,6 +8,7 @@ fixed seeds: the share of answers the preference likes, by serving version.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
+from kaizen.client import CREDENTIAL_ENV, connect, read_credential
 from kaizen.events import FeedbackKind
 from kaizen.preferences import Reaction
 from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc
@@ -213,11 +215,12 @@ def run_simulate(args) -> int:
             raise ValueError(f"--temperature: {args.temperature} is outside 0..2")
         preference = load_preference(args.preference)
         prompts = load_prompts(args.prompts)
+        credential = read_credential(args.key_file, dict(os.environ))
     except (ValueError, OSError) as exc:
         print(f"kaizen simulate: {exc}", file=sys.stderr)
         return 2
     started = time.monotonic()
-    with grpc.insecure_channel(args.server) as channel:
+    with connect(args.server, credential) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=args.connect_timeout_s)
         except grpc.FutureTimeoutError:
@@ -270,6 +273,12 @@ def add_parser(commands) -> None:
         "mostly implicit) through the feedback API, until --events events were sent.",
     )
     parser.add_argument("--server", default="127.0.0.1:50051", help="gRPC address of kaizen serve")
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help=f"file with the API key (scopes chat, feedback) to send; default: ${CREDENTIAL_ENV}",
+    )
     parser.add_argument(
         "--preference",
         default="concise",

@@ -131,8 +131,8 @@ def _run_learner(learner, config) -> int:
     import prometheus_client
 
     if config.metrics_port >= 0:
-        http, _ = prometheus_client.start_http_server(config.metrics_port)
-        metrics_at = f"metrics on http://127.0.0.1:{http.server_port}/metrics"
+        http, _ = prometheus_client.start_http_server(config.metrics_port, addr=config.metrics_host)
+        metrics_at = f"metrics on http://{config.metrics_host}:{http.server_port}/metrics"
     else:
         metrics_at = "no metrics endpoint"
     print(

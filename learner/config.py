@@ -68,6 +68,9 @@ class LearnerConfig:
     )
     poll_s: float = option(0.5, "how often an idle learner looks for new feedback")
     metrics_port: int = option(9401, "Prometheus /metrics HTTP port; 0 picks one, -1 none")
+    metrics_host: str = option(
+        "127.0.0.1", "address /metrics listens on (the pod's own address for an in-cluster scrape)"
+    )
     max_steps: int = option(0, "stop after this many gradient steps (0 = run until stopped)")
     seed: int = option(0, "random seed for the adapter's initialisation")
     rewards: Path | None = option(

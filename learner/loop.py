@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from kaizen import modeling
+from kaizen.bucket import Buckets, load_or_create_secret
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.registry import BASE_VERSION, Registry, version_number
@@ -120,6 +121,7 @@ class Learner:
         self.tokenizer = modeling.load_tokenizer(config.model)
         self.buffer = buffer if buffer is not None else open_buffer(config.buffer)
         self.registry = Registry(config.registry)
+        self.buckets = Buckets(load_or_create_secret(self.registry.root))
         self.shaper = Shaper(self.tokenizer, config.sft_min_reward)
         base = modeling.load_model(config.model, self.device, torch.float32)
         for p in base.parameters():
@@ -216,9 +218,9 @@ class Learner:
         return self._judge
 
     def held_out(self, response_id: str) -> bool:
-        """Whether an answer belongs to the gate's slice (never trained on)."""
-        digest = hashlib.sha256(response_id.encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < self.config.gate_holdout
+        """Whether an answer belongs to the gate's slice (never trained on): a keyed hash
+        (`kaizen.bucket`), so a client cannot pick answers that escape the gate."""
+        return self.buckets.held_out(response_id, self.config.gate_holdout)
 
     def _take(self, g: Generation, fb: Feedback) -> None:
         """Turn one event into the examples this objective trains on (or, for an answer

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import prometheus_client
@@ -15,6 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kaizen import modeling
+from kaizen.auth import Authenticator
+from kaizen.bucket import Buckets, load_or_create_secret
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.events import Sampling
 from kaizen.registry import Registry
@@ -27,10 +30,12 @@ from kaizen.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
+from server.auth import AuthInterceptor
 from server.config import ServeConfig
 from server.convert import Limits
 from server.engine import Engine
 from server.interceptor import ErrorInterceptor
+from server.limits import Limiter
 from server.rollout import Rollout
 from server.servicers import ChatService, FeedbackService, ModelService
 from server.weights import RegistryWatcher, read_adapter
@@ -67,7 +72,57 @@ class RunningServer:
         self._metrics_http.shutdown()
 
 
-def start(config: ServeConfig) -> RunningServer:
+NO_AUTH = (
+    "no credentials configured: give --auth-keys FILE (create one with `kaizen auth key "
+    "create --keys FILE --name NAME --scopes chat,feedback,admin`) and/or "
+    "--jwt-secret-file FILE (or KAIZEN_JWT_SECRET) for user tokens; or, only on a machine "
+    "nobody else can reach, --insecure-no-auth"
+)
+
+
+def authenticator(config: ServeConfig, jwt_secret: bytes | None) -> Authenticator | None:
+    """The server's authenticator, or None when it runs open (--insecure-no-auth)."""
+    if config.insecure_no_auth:
+        if config.auth_keys is not None or jwt_secret is not None:
+            raise ValueError("--insecure-no-auth: not together with --auth-keys or a JWT secret")
+        return None
+    if config.auth_keys is None and jwt_secret is None:
+        raise ValueError(NO_AUTH)
+    keys = Path(config.auth_keys) if config.auth_keys is not None else None
+    return Authenticator(keys, jwt_secret)
+
+
+def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS (and with --tls-client-ca, mutual TLS) from PEM files; None for plaintext."""
+    if config.tls_cert is None:
+        return None
+
+    def pem(flag: str, path) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+    pair = (pem("--tls-key", config.tls_key), pem("--tls-cert", config.tls_cert))
+    if config.tls_client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    ca = pem("--tls-client-ca", config.tls_client_ca)
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=True)
+
+
+def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer:
+    """Start serving. Refuses (ValueError) without credentials unless the config says
+    --insecure-no-auth; `jwt_secret` is the user tokens' key, read by the caller from a
+    file or the environment."""
+    auth = authenticator(config, jwt_secret)
+    credentials = server_credentials(config)
+    if auth is None:
+        log.warning(
+            "--insecure-no-auth: every RPC is accepted without a credential; anyone who "
+            "reaches %s:%s can chat as any user, teach the model and promote versions",
+            config.host,
+            config.port,
+        )
     rewards = load_rewards(config.rewards)  # a bad file fails before the model loads
     info = modeling.model_info(config.model)
     device = modeling.pick_device(config.device)
@@ -95,6 +150,7 @@ def start(config: ServeConfig) -> RunningServer:
         lambda version: read_adapter(registry, version, info.name),
         config.canary_policy(),
         rewards,
+        Buckets(load_or_create_secret(registry.root)),
     )
     watcher = RegistryWatcher(registry, engine, rollout, info.name, config.poll_registry_s)
     watcher.resume()  # the promoted version (and a canary) from the first request on
@@ -107,16 +163,19 @@ def start(config: ServeConfig) -> RunningServer:
             max_new_tokens=config.default_max_new_tokens, temperature=config.default_temperature
         ),
         max_context=info.max_context,
+        max_feedback_text_chars=config.max_feedback_text_chars,
     )
+    limiter = Limiter(config.rate_limits())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="kaizen-rpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(), AuthInterceptor(auth)],
     )
     chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatService(engine, tokenizer, stop_ids, buffer, limits, rollout), server
+        ChatService(engine, tokenizer, stop_ids, buffer, limits, rollout, limiter), server
     )
     feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
-        FeedbackService(buffer, rollout), server
+        FeedbackService(buffer, rollout, limits, limiter, config.max_feedback_stream_bytes),
+        server,
     )
     model_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelService(
@@ -127,7 +186,6 @@ def start(config: ServeConfig) -> RunningServer:
             info.name,
             str(config.model),
             time.time(),
-            config.admin_token,
         ),
         server,
     )
@@ -136,10 +194,16 @@ def start(config: ServeConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
-        raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
-    metrics_http, _ = prometheus_client.start_http_server(config.metrics_port, addr=config.host)
+        raise OSError(f"--port: cannot listen on {address}")
+    metrics_http, _ = prometheus_client.start_http_server(
+        config.metrics_port, addr=config.metrics_host
+    )
     server.start()
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -156,11 +220,14 @@ def start(config: ServeConfig) -> RunningServer:
     )
 
 
-def serve(config: ServeConfig) -> int:
-    running = start(config)
+def serve(config: ServeConfig, jwt_secret: bytes | None = None) -> int:
+    running = start(config, jwt_secret)
+    tls = "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
+    auth = "NO AUTH" if config.insecure_no_auth else "auth on"
     print(
-        f"kaizen serve: gRPC on {config.host}:{running.port}, metrics on "
-        f"http://{config.host}:{running.metrics_port}/metrics, serving {running.engine.version}",
+        f"kaizen serve: gRPC on {config.host}:{running.port} ({tls}, {auth}), metrics on "
+        f"http://{config.metrics_host}:{running.metrics_port}/metrics, serving "
+        f"{running.engine.version}",
         flush=True,
     )
     stopping = threading.Event()

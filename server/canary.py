@@ -1,9 +1,11 @@
 """Canary rollout: a new version serves a sticky share of users until a sequential test
 says to promote it or roll it back.
 
-Routing: a user is in the canary when hash(user_id) falls under the configured share, so
-the same users see the canary for its whole life, and a second canary takes the same
-users. The rest stay on the serving version, in the same batches (mixed-adapter rows).
+Routing: a user is in the canary when the keyed hash of their id (`kaizen.bucket`, a
+secret in the registry) falls under the configured share, so nobody can choose an id
+that lands in the canary, and the same users see the canary for its whole life, and a
+second canary takes the same users. The rest stay on the serving version, in the same
+batches (mixed-adapter rows).
 
 Evidence: every feedback event on an answer either version gave since the experiment
 started is turned into a reward (the shipped reward file; comments, which need a judge,
@@ -29,21 +31,10 @@ every event and stop the first time it is decisive:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-
-
-def user_bucket(user_id: str) -> float:
-    """A stable number in [0, 1) per user: the same on every server and every restart."""
-    digest = hashlib.sha256(user_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def in_canary(user_id: str, share: float) -> bool:
-    return user_bucket(user_id) < share
 
 
 @dataclass

@@ -6,6 +6,8 @@ import argparse
 
 from kaizen.config import add_options, from_options
 
+JWT_SECRET_ENV = "KAIZEN_JWT_SECRET"
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     from server.config import ServeConfig
@@ -26,16 +28,21 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _serve(cls, args) -> int:
     import sys
 
+    from kaizen.auth import read_secret
     from kaizen.rewards import RewardConfigError
     from server.app import serve
 
     try:
         config = from_options(cls, args)
+        jwt_secret = read_secret(config.jwt_secret_file, JWT_SECRET_ENV)
     except ValueError as exc:  # a flag out of range: the message names it
         print(f"kaizen serve: {exc}", file=sys.stderr)
         return 2
     try:
-        return serve(config)
+        return serve(config, jwt_secret)
     except RewardConfigError as exc:
         print(f"kaizen serve: --rewards {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # credentials or TLS files: the message names the flag
+        print(f"kaizen serve: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,27 @@ class ServeConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = option(50051, "gRPC port; 0 picks a free one")
     metrics_port: int = option(9400, "Prometheus /metrics HTTP port; 0 picks a free one")
+    metrics_host: str = option(
+        "127.0.0.1",
+        "address /metrics listens on; keep it off the public network (e.g. the pod's own "
+        "address for a Prometheus in the cluster)",
+    )
+    auth_keys: Path | None = option(
+        None, "API keys file (`kaizen auth key create --keys FILE`); re-read when it changes"
+    )
+    jwt_secret_file: Path | None = option(
+        None,
+        "file with the HS256 secret user tokens are signed with (or the environment "
+        "variable KAIZEN_JWT_SECRET)",
+    )
+    insecure_no_auth: bool = option(
+        False, "serve without authentication: anyone who reaches the port may do anything"
+    )
+    tls_cert: Path | None = option(None, "PEM certificate chain: serve gRPC over TLS")
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = option(
+        None, "PEM CA bundle: require client certificates signed by it (mutual TLS)"
+    )
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1 …")
     dtype: str = option(
         "auto",
@@ -61,21 +82,45 @@ class ServeConfig:
     rewards: Path | None = option(
         None, "reward configuration (TOML) for the canary test; default: the shipped one"
     )
-    admin_token: str = option(
-        "", "bearer token Promote and Rollback require ('authorization' metadata); '' = none"
+    user_requests_per_min: float = option(60.0, "chat requests a minute per end user")
+    key_requests_per_min: float = option(6000.0, "chat requests a minute per API key")
+    user_feedback_per_min: float = option(120.0, "feedback events a minute per end user")
+    key_feedback_per_min: float = option(12000.0, "feedback events a minute per API key")
+    max_feedback_text_chars: int = option(
+        2000, "longest comment or correction, in characters (about one long answer)"
+    )
+    max_feedback_stream_bytes: int = option(
+        1 << 20, "bytes of comment and correction text one StreamFeedback call may carry"
     )
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca: needs --tls-cert and --tls-key (mutual TLS)")
         if not 0 <= self.canary_share < 1:
             raise ValueError(f"--canary-share: must be in [0, 1), got {self.canary_share}")
         if not 0 < self.canary_alpha < 1:
             raise ValueError(f"--canary-alpha: must be in (0, 1), got {self.canary_alpha}")
         if self.canary_margin < 0:
             raise ValueError(f"--canary-margin: must be 0 or more, got {self.canary_margin}")
+        self.rate_limits()  # each limit positive
+        if self.max_feedback_text_chars < 1 or self.max_feedback_stream_bytes < 1:
+            raise ValueError("--max-feedback-text-chars, --max-feedback-stream-bytes: positive")
         if self.canary_min_feedback < 2:
             raise ValueError(
                 f"--canary-min-feedback: must be at least 2, got {self.canary_min_feedback}"
             )
+
+    def rate_limits(self):
+        from server.limits import RateLimits
+
+        return RateLimits(
+            user_requests_per_min=self.user_requests_per_min,
+            key_requests_per_min=self.key_requests_per_min,
+            user_feedback_per_min=self.user_feedback_per_min,
+            key_feedback_per_min=self.key_feedback_per_min,
+        )
 
     def canary_policy(self):
         from server.canary import CanaryPolicy

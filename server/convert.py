@@ -10,7 +10,6 @@ from kaizen.modeling import ROLES
 from kaizen.v1 import chat_pb2, feedback_pb2
 
 MAX_ID_CHARS = 128
-MAX_TEXT_CHARS = 16_384
 MAX_MESSAGES = 256
 
 
@@ -19,6 +18,7 @@ class Limits:
     max_new_tokens_cap: int
     default_sampling: Sampling
     max_context: int  # prompt tokens + max_new_tokens must fit
+    max_feedback_text_chars: int = 2_000  # a comment or a correction
 
 
 def _check_id(field: str, value: str, required: bool) -> None:
@@ -78,7 +78,7 @@ def check_context(prompt_tokens: int, sampling: Sampling, limits: Limits) -> Non
         )
 
 
-def feedback_from_pb(fb: feedback_pb2.Feedback, where: str = "") -> Feedback:
+def feedback_from_pb(fb: feedback_pb2.Feedback, max_text_chars: int, where: str = "") -> Feedback:
     """Check one Feedback message; `where` prefixes field names (`feedback[3].`) in a stream."""
     _check_id(f"{where}event_id", fb.event_id, required=True)
     _check_id(f"{where}response_id", fb.response_id, required=True)
@@ -104,9 +104,11 @@ def feedback_from_pb(fb: feedback_pb2.Feedback, where: str = "") -> Feedback:
         text = getattr(fb, signal)
         if not text.strip():
             raise InvalidArgument(f"{where}{signal}", "must not be empty")
-        if len(text) > MAX_TEXT_CHARS:
+        if len(text) > max_text_chars:
             raise InvalidArgument(
-                f"{where}{signal}", f"{len(text)} characters; the limit is {MAX_TEXT_CHARS}"
+                f"{where}{signal}",
+                f"{len(text)} characters; the limit is {max_text_chars} "
+                "(--max-feedback-text-chars)",
             )
     kind = FeedbackKind("dwell" if signal == "dwell_ms" else signal)
     return Feedback(

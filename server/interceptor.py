@@ -63,26 +63,32 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return wrapper
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                streaming(handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                unary(handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream),
+        return rewrap(handler, unary, streaming)
+
+
+def rewrap(handler, unary, streaming):
+    """`handler` with its behaviour wrapped: `unary` for the RPCs that return one message,
+    `streaming` for those that return a stream."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
             handler.request_deserializer,
             handler.response_serializer,
         )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(handler.stream_stream),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )

@@ -65,3 +65,28 @@ CANARY_DECISIONS = Counter(
 for _decision in ("promote", "rollback"):
     for _by in ("test", "operator"):
         CANARY_DECISIONS.labels(_decision, _by)
+AUTH_ENABLED = Gauge(
+    "kaizen_auth_enabled", "1 when every RPC needs a credential; 0 under --insecure-no-auth"
+)
+AUTH_FAILURES = Counter(
+    "kaizen_auth_failures_total",
+    "Refused credentials, by reason (missing, malformed, unknown_key, revoked, expired, "
+    "bad_token, scope, other_user)",
+    ["reason"],
+)
+for _reason in (
+    "missing",
+    "malformed",
+    "unknown_key",
+    "revoked",
+    "expired",
+    "bad_token",
+    "scope",
+    "other_user",
+):
+    AUTH_FAILURES.labels(_reason)
+RATE_LIMITED = Counter(
+    "kaizen_rate_limited_total",
+    "Requests refused by a per-user or per-key limit, by the limit's name",
+    ["limit"],
+)

@@ -16,13 +16,14 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from kaizen.bucket import Buckets
 from kaizen.buffer import ReplayBuffer
 from kaizen.errors import CorruptVersion, FailedPrecondition, InvalidArgument, Unavailable
 from kaizen.events import Feedback
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import RewardConfig, reward
 from server import metrics
-from server.canary import CanaryPolicy, Experiment, in_canary
+from server.canary import CanaryPolicy, Experiment
 from server.engine import Adapter, Engine
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ class Rollout:
         read: Callable[[str], Adapter],
         policy: CanaryPolicy,
         rewards: RewardConfig,
+        buckets: Buckets,
     ) -> None:
         self.engine = engine
+        self.buckets = buckets
         self.registry = registry
         self.buffer = buffer
         self.read = read  # version -> verified adapter
@@ -57,7 +60,7 @@ class Rollout:
     # -- routing and evidence (RPC threads) --------------------------------------------
 
     def route_to_canary(self, user_id: str) -> bool:
-        return self.policy.share > 0 and in_canary(user_id, self.policy.share)
+        return self.policy.share > 0 and self.buckets.in_canary(user_id, self.policy.share)
 
     def answered(self, response_id: str, version: str, text: str, created_at: float) -> None:
         with self._answers_lock:

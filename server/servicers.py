@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
+import collections
+import dataclasses
 import json
 import queue
 import time
@@ -13,9 +14,16 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kaizen.auth import Principal
 from kaizen.buffer import ReplayBuffer
-from kaizen.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
-from kaizen.events import Generation
+from kaizen.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from kaizen.events import Feedback, Generation
 from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.v1 import (
@@ -27,6 +35,7 @@ from kaizen.v1 import (
     model_pb2_grpc,
 )
 from server import metrics
+from server.auth import acting_user, refuse
 from server.convert import (
     Limits,
     check_context,
@@ -36,6 +45,7 @@ from server.convert import (
     sampling_from_pb,
 )
 from server.engine import Engine, Failed, Finished, Request, Serving, Token, resolve_seed
+from server.limits import Limiter
 from server.rollout import Rollout
 
 MAX_STREAM_EVENTS = 10_000
@@ -78,6 +88,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         buffer: ReplayBuffer,
         limits: Limits,
         rollout: Rollout,
+        limiter: Limiter,
         request_timeout_s: float = 600.0,
     ) -> None:
         self.engine = engine
@@ -86,19 +97,22 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self.buffer = buffer
         self.limits = limits
         self.rollout = rollout
+        self.limiter = limiter
         self.request_timeout_s = request_timeout_s
 
     def _start(self, request: chat_pb2.GenerateRequest, context: grpc.ServicerContext):
         check_request_ids(request)
+        user = acting_user(context.principal, request.user_id)
         messages = messages_from_pb(request)
+        self.limiter.request(context.principal, user)
         sampling = resolve_seed(sampling_from_pb(request, self.limits))
         prompt_ids = chat_prompt_ids(self.tokenizer, messages)
         check_context(len(prompt_ids), sampling, self.limits)
-        canary = self.rollout.route_to_canary(request.user_id)
+        canary = self.rollout.route_to_canary(user)
         job = self.engine.submit(Request(prompt_ids=prompt_ids, sampling=sampling, canary=canary))
         context.add_callback(job.cancel)  # client gone or deadline passed: free the row
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
-        return messages, job
+        return user, messages, job
 
     def _next_event(self, job: Request):
         while True:
@@ -132,10 +146,12 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             elif isinstance(event, Failed):
                 raise event.error
 
-    def _record(self, request, messages, job: Request, answer: _Answer, text: str) -> Generation:
+    def _record(
+        self, request, user: str, messages, job: Request, answer: _Answer, text: str
+    ) -> Generation:
         generation = Generation(
             response_id=f"r-{uuid.uuid4().hex}",
-            user_id=request.user_id,
+            user_id=user,
             request_id=request.request_id,
             model_version=answer.version,
             messages=messages,
@@ -155,14 +171,14 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         return generation
 
     def Generate(self, request, context):
-        messages, job = self._start(request, context)
+        user, messages, job = self._start(request, context)
         answer = _Answer([], [])
         for _ in self._events(job, answer):
             pass
         text = self.tokenizer.decode(
             [t for t in answer.tokens if t not in self.stop_ids], skip_special_tokens=True
         )
-        g = self._record(request, messages, job, answer, text)
+        g = self._record(request, user, messages, job, answer, text)
         return chat_pb2.GenerateResponse(
             response_id=g.response_id,
             text=g.text,
@@ -173,7 +189,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         )
 
     def GenerateStream(self, request, context):
-        messages, job = self._start(request, context)
+        user, messages, job = self._start(request, context)
         answer = _Answer([], [])
         stream = TextStream(self.tokenizer, self.stop_ids)
         for token_id in self._events(job, answer):
@@ -182,7 +198,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 yield chat_pb2.GenerateChunk(text_delta=delta)
         if answer.finish_reason == "cancelled":
             return
-        g = self._record(request, messages, job, answer, stream.text)
+        g = self._record(request, user, messages, job, answer, stream.text)
         yield chat_pb2.GenerateChunk(
             done=True,
             response_id=g.response_id,
@@ -194,31 +210,66 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
 
 
 class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(self, buffer: ReplayBuffer, rollout: Rollout) -> None:
+    def __init__(
+        self,
+        buffer: ReplayBuffer,
+        rollout: Rollout,
+        limits: Limits,
+        limiter: Limiter,
+        max_stream_bytes: int,
+    ) -> None:
         self.buffer = buffer
         self.rollout = rollout
+        self.max_text_chars = limits.max_feedback_text_chars
+        self.limiter = limiter
+        self.max_stream_bytes = max_stream_bytes
 
-    def _store(self, events) -> feedback_pb2.FeedbackAck:
+    def _store(self, events: list[Feedback], principal: Principal) -> feedback_pb2.FeedbackAck:
+        self.limiter.feedback(principal, collections.Counter(ev.user_id for ev in events))
         result = self.buffer.append_feedback(events)
         for ev, new in zip(events, result.new, strict=True):  # counted once durable
             metrics.FEEDBACK.labels(str(ev.kind), "accepted" if new else "duplicate").inc()
         self.rollout.observe([ev for ev, new in zip(events, result.new, strict=True) if new])
         return feedback_pb2.FeedbackAck(accepted=result.accepted, duplicates=result.duplicates)
 
+    def _owned(self, event: Feedback, principal: Principal, where: str = "") -> Feedback:
+        """`event` as the answer's own user's, recording who sent it. Feedback belongs to
+        the user the answer was generated for: a user token only on its own answers, a
+        service key on any answer, but never in another user's name."""
+        answer = self.buffer.generation(event.response_id)
+        if answer is None:
+            raise NotFound(f"{where}response_id: no answer {event.response_id!r} is logged")
+        user = acting_user(principal, event.user_id, f"{where}user_id") or answer.user_id
+        if user != answer.user_id:
+            refuse("other_user")
+            raise PermissionDenied(f"{where}response_id: the answer was generated for another user")
+        return dataclasses.replace(event, user_id=user, source=principal.source)
+
     def SubmitFeedback(self, request, context):
-        return self._store([feedback_from_pb(request)])
+        event = feedback_from_pb(request, self.max_text_chars)
+        return self._store([self._owned(event, context.principal)], context.principal)
 
     def StreamFeedback(self, request_iterator, context):
-        events = []
+        events, text_bytes = [], 0
         for i, fb in enumerate(request_iterator):
             if i >= MAX_STREAM_EVENTS:
                 raise InvalidArgument(
                     "feedback", f"more than {MAX_STREAM_EVENTS} events in one stream; split it"
                 )
-            events.append(feedback_from_pb(fb, where=f"feedback[{i}]."))
+            where = f"feedback[{i}]."
+            event = feedback_from_pb(fb, self.max_text_chars, where)
+            text_bytes += len(event.text.encode())
+            if text_bytes > self.max_stream_bytes:
+                metrics.RATE_LIMITED.labels("max_feedback_stream_bytes").inc()
+                raise ResourceExhausted(
+                    f"max_feedback_stream_bytes: this stream's comments and corrections "
+                    f"passed {self.max_stream_bytes} bytes at {where[:-1]} "
+                    "(--max-feedback-stream-bytes); split it"
+                )
+            events.append(self._owned(event, context.principal, where))
         if not events:
             return feedback_pb2.FeedbackAck()
-        return self._store(events)
+        return self._store(events, context.principal)
 
 
 def _timestamp(unix_s: float) -> Timestamp:
@@ -250,7 +301,6 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         base_model: str,
         base_model_path: str,
         started_at: float,
-        admin_token: str = "",
     ) -> None:
         self.engine = engine
         self.rollout = rollout
@@ -259,7 +309,6 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         self.base_model = base_model
         self.base_model_path = base_model_path
         self.started_at = started_at
-        self.admin_token = admin_token
 
     def GetModelInfo(self, request, context):
         engine = self.engine
@@ -338,19 +387,6 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             return "pending", "waiting for its turn as canary"
         return "skipped", "a newer version went first"
 
-    def _authorize(self, context) -> None:
-        if not self.admin_token:
-            return
-        given = dict(context.invocation_metadata()).get("authorization", "")
-        if not given:
-            raise Unauthenticated(
-                "authorization: this server needs 'authorization: Bearer <token>' metadata "
-                "for admin RPCs (--admin-token)"
-            )
-        scheme, _, token = given.strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.admin_token):
-            raise PermissionDenied("authorization: the bearer token does not match --admin-token")
-
     def _info(self, version: str) -> model_pb2.VersionInfo:
         for info in self._versions():
             if info.version == version:
@@ -358,14 +394,12 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         raise InvalidArgument("version", f"{version} is not published in the registry")
 
     def Promote(self, request, context):
-        self._authorize(context)
         if not request.version:
             raise InvalidArgument("version", "required (e.g. v3)")
         self.rollout.promote(request.version, request.reason)
         return self._info(request.version)
 
     def Rollback(self, request, context):
-        self._authorize(context)
         if not request.version:
             raise InvalidArgument("version", "required (e.g. v3)")
         self.rollout.rollback(request.version, request.reason)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from kaizen import modeling
+from kaizen.auth import local_key
+from kaizen.client import connect
 from kaizen.demo import free_port  # noqa: F401 - shared with the tests
 from kaizen.registry import Registry
 from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2_grpc, model_pb2_grpc
@@ -39,7 +41,19 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def serve_config(tiny_model, tmp_path):
+def credentials(tmp_path) -> tuple[Path, str]:
+    """A keys file with one key of every scope, and the key: the servers tests start
+    run with auth on, as a deployment does."""
+    return local_key(tmp_path / "auth")
+
+
+@pytest.fixture
+def api_key(credentials) -> str:
+    return credentials[1]
+
+
+@pytest.fixture
+def serve_config(tiny_model, tmp_path, credentials):
     from server.config import ServeConfig
 
     return ServeConfig(
@@ -53,6 +67,11 @@ def serve_config(tiny_model, tmp_path):
         default_max_new_tokens=8,
         poll_registry_s=0.05,
         canary_share=0.0,  # new versions serve everyone at once; canary tests set a share
+        auth_keys=credentials[0],
+        # the tests' few users send far more than people would; the limits' own tests
+        # (tests/security) set them low
+        user_requests_per_min=1e6,
+        user_feedback_per_min=1e6,
     )
 
 
@@ -66,8 +85,8 @@ def server(serve_config):
 
 
 @pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+def channel(server, api_key):
+    with connect(f"127.0.0.1:{server.port}", api_key) as ch:
         grpc.channel_ready_future(ch).result(timeout=10)
         yield ch
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kaizen.buffer import SQLiteBuffer, open_buffer
-from kaizen.errors import AlreadyExists, CorruptVersion, InvalidArgument, ResourceExhausted
+from kaizen.errors import AlreadyExists, CorruptVersion, NotFound, ResourceExhausted
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.registry import Registry
 
@@ -62,7 +62,7 @@ def test_duplicates_conflicts_and_unknown_answers(tmp_path):
     assert buffer.append_feedback([thumb("e1", "r1")]).new == (False,)
     with pytest.raises(AlreadyExists, match="event_id"):
         buffer.append_feedback([thumb("e1", "r1", -1.0)])
-    with pytest.raises(InvalidArgument, match="response_id"):
+    with pytest.raises(NotFound, match="response_id"):
         buffer.append_feedback([thumb("e2", "r1"), thumb("e3", "r-missing")])
     assert [s.feedback.event_id for s in buffer.read_samples(0, 10)] == ["e1"]  # e2 rolled back
     buffer.close()

@@ -7,19 +7,21 @@ from dataclasses import replace
 
 import pytest
 
-from server.canary import Arm, CanaryPolicy, Experiment, in_canary, user_bucket
+from kaizen.bucket import CANARY, Buckets
+from server.canary import Arm, CanaryPolicy, Experiment
 
 POLICY = CanaryPolicy(share=0.2, alpha=0.05, margin=0.02, min_feedback=30, max_feedback=3000)
 
 
 def test_users_are_split_by_share_and_stay_where_they_are():
+    buckets = Buckets(bytes(range(32)))
     users = [f"user-{i}" for i in range(20_000)]
-    inside = [u for u in users if in_canary(u, 0.2)]
+    inside = [u for u in users if buckets.in_canary(u, 0.2)]
     assert 0.19 < len(inside) / len(users) < 0.21
-    assert all(in_canary(u, 0.2) for u in inside)  # sticky: the same answer every time
-    assert user_bucket("alice") == user_bucket("alice")
+    assert all(buckets.in_canary(u, 0.2) for u in inside)  # sticky: the same answer every time
+    assert buckets(CANARY, "alice") == Buckets(bytes(range(32)))(CANARY, "alice")
     # a larger share keeps everyone already inside
-    assert all(in_canary(u, 0.3) for u in inside)
+    assert all(buckets.in_canary(u, 0.3) for u in inside)
 
 
 def run(

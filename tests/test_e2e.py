@@ -4,6 +4,7 @@ client built only from proto/."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kaizen import protogen
+from kaizen.auth import local_key
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +60,11 @@ def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp
         str(tmp_path / "registry"),
     ]
     serve_log, learn_log = tmp_path / "serve.log", tmp_path / "learn.log"
+    keys, key = local_key(tmp_path / "auth")
     server = kaizen(
         "serve",
         *common,
+        *("--auth-keys", str(keys)),
         "--port",
         str(port),
         "--metrics-port",
@@ -102,6 +106,7 @@ def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp
             text=True,
             timeout=180,
             cwd=tmp_path,
+            env={**os.environ, "KAIZEN_API_KEY": key},  # never on the command line
         )
         assert client.returncode == 0, client.stderr
         seen = json.loads(client.stdout)
@@ -114,6 +119,13 @@ def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp
         assert 'kaizen_weight_swaps_total{result="ok"}' in served
         learned = wait_http(f"http://127.0.0.1:{learner_port}/metrics", 10, learner, learn_log)
         assert "kaizen_learner_versions_published_total" in learned
+        argv = " ".join(
+            Path(f"/proc/{p.pid}/cmdline").read_bytes().decode().replace("\0", " ")
+            for p in (server, learner)
+        )
+        secret = key.split("_", 2)[2]
+        for where, text in (("ps", argv), ("/metrics", served + learned)):
+            assert secret not in text, f"the API key shows in {where}"
     finally:
         for proc in (learner, server):
             proc.terminate()
@@ -121,3 +133,5 @@ def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp
             proc.wait(timeout=30)
     assert server.returncode == 0, serve_log.read_text()
     assert learner.returncode == 0, learn_log.read_text()
+    for log in (serve_log, learn_log):
+        assert key.split("_", 2)[2] not in log.read_text(), f"the API key shows in {log.name}"

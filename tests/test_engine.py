@@ -12,6 +12,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from kaizen import modeling
+from kaizen.client import connect
 from kaizen.errors import ResourceExhausted
 from kaizen.events import Sampling
 from kaizen.v1 import chat_pb2_grpc
@@ -153,7 +154,9 @@ def test_adapter_slots_are_reused_not_accumulated(make_engine, tiny_model, regis
     assert len(engine.peft.peft_config) == 2
 
 
-def test_a_request_waiting_past_the_queue_limit_is_deadline_exceeded(serve_config, monkeypatch):
+def test_a_request_waiting_past_the_queue_limit_is_deadline_exceeded(
+    serve_config, monkeypatch, api_key
+):
     from server.app import start
 
     running = start(dataclasses.replace(serve_config, max_queue_wait_s=0.2))
@@ -168,7 +171,7 @@ def test_a_request_waiting_past_the_queue_limit_is_deadline_exceeded(serve_confi
 
     monkeypatch.setattr(engine, "install_staged", park)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        with connect(f"127.0.0.1:{running.port}", api_key) as ch:
             stub = chat_pb2_grpc.ChatServiceStub(ch)
             assert parked.wait(10)
             with pytest.raises(grpc.RpcError) as err:

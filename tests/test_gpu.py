@@ -16,9 +16,8 @@ from tests.test_learner import make_generation
 pytestmark = pytest.mark.gpu
 
 
-def test_server_generates_on_cuda(serve_config):
-    import grpc
-
+def test_server_generates_on_cuda(serve_config, api_key):
+    from kaizen.client import connect
     from kaizen.v1 import chat_pb2_grpc
     from server.app import start
 
@@ -26,7 +25,7 @@ def test_server_generates_on_cuda(serve_config):
     try:
         assert running.engine.device.type == "cuda"
         assert next(running.engine.model.parameters()).dtype == torch.bfloat16
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        with connect(f"127.0.0.1:{running.port}", api_key) as ch:
             reply = chat_pb2_grpc.ChatServiceStub(ch).Generate(ask(max_new_tokens=8, seed=3))
         assert reply.completion_tokens >= 1 and reply.model_version == "v0"
     finally:

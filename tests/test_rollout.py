@@ -9,16 +9,17 @@ from dataclasses import replace
 import grpc
 import pytest
 
+from kaizen.auth import KeyFile
+from kaizen.client import connect
 from kaizen.registry import PROMOTED, ROLLED_BACK, Registry
 from kaizen.v1 import chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc, model_pb2, model_pb2_grpc
-from server.canary import in_canary
 from tests.conftest import ask, publish_random_adapter, wait_until
 
 USERS = [f"user-{i}" for i in range(40)]
 
 
 @pytest.fixture
-def rollout_server(serve_config):
+def rollout_server(serve_config, api_key):
     """Start a server with rollout settings; stopped at the end of the test."""
     from server.app import start
 
@@ -27,7 +28,7 @@ def rollout_server(serve_config):
     def make(**changes):
         running = start(replace(serve_config, **changes))
         started.append(running)
-        channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+        channel = connect(f"127.0.0.1:{running.port}", api_key)
         grpc.channel_ready_future(channel).result(timeout=10)
         running.chat = chat_pb2_grpc.ChatServiceStub(channel)
         running.feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
@@ -72,7 +73,7 @@ def test_a_canary_serves_its_sticky_share_and_good_feedback_promotes_it(rollout_
 
     answers = chat_everyone(running)
     for u, a in answers.items():  # the same users, in the same batches, on their version
-        assert a.model_version == (v1 if in_canary(u, 0.5) else "v0"), u
+        assert a.model_version == (v1 if running.rollout.buckets.in_canary(u, 0.5) else "v0"), u
     again = running.chat.Generate(ask(user_id=USERS[0], seed=99))
     assert again.model_version == answers[USERS[0]].model_version
 
@@ -126,25 +127,33 @@ def test_a_version_the_learner_rejected_is_listed_with_its_reason_and_never_serv
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_admin_rpcs_need_the_token_and_roll_back_to_the_last_promoted_version(
-    rollout_server, tiny_model
+def test_admin_rpcs_need_the_admin_scope_and_roll_back_to_the_last_promoted_version(
+    rollout_server, tiny_model, credentials
 ):
-    running = rollout_server(admin_token="s3cret")
+    running = rollout_server()
+    keys, _ = credentials
+    chat_only = KeyFile.load(keys)
+    frontend = chat_only.create("frontend", frozenset({"chat", "feedback"}))
+    chat_only.save()
     registry = Registry(running.watcher.registry.root)
     v1 = publish_random_adapter(registry, tiny_model, seed=1)
     wait_until(lambda: running.engine.version == v1, what="serving v1")
     v2 = publish_random_adapter(registry, tiny_model, seed=2)
     wait_until(lambda: running.engine.version == v2, what="serving v2")
     rollback = model_pb2.RollbackRequest(version=v2, reason="users complain")
-    for metadata, code in (
-        ((), grpc.StatusCode.UNAUTHENTICATED),
-        ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED),
+    for credential, code in (
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        ("kz_000000000000_wrong", grpc.StatusCode.UNAUTHENTICATED),
+        (frontend, grpc.StatusCode.PERMISSION_DENIED),  # no admin scope
     ):
-        with pytest.raises(grpc.RpcError) as refused:
-            running.model.Rollback(rollback, metadata=metadata)
+        with connect(f"127.0.0.1:{running.port}", credential) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                model_pb2_grpc.ModelServiceStub(channel).Rollback(rollback)
         assert refused.value.code() == code
         assert "authorization" in refused.value.details()
-    token = (("authorization", "Bearer s3cret"),)
+    assert registry.rollout(v2)["state"] == PROMOTED  # a refused call changed nothing
+    assert running.engine.version == v2
+    token = ()  # the fixture's channel carries a key with every scope
 
     info = running.model.Rollback(rollback, metadata=token)
     assert (info.state, info.reason) == ("rolled_back", "users complain")

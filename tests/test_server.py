@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from kaizen.buffer import SQLiteBuffer
+from kaizen.client import connect
 from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2, model_pb2
 from tests.conftest import ask
 
@@ -118,10 +119,6 @@ def test_reused_event_id_with_another_payload_is_already_exists(stubs):
 @pytest.mark.parametrize(
     "make, field",
     [
-        (
-            lambda rid: feedback_pb2.Feedback(event_id="x", response_id="r-nope", rating=4),
-            "response_id",
-        ),
         (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid, rating=6), "rating"),
         (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid, rating=0), "rating"),
         (lambda rid: feedback_pb2.Feedback(event_id="x", response_id=rid), "signal"),
@@ -141,6 +138,16 @@ def test_bad_feedback_is_invalid_argument_naming_the_field(stubs, make, field):
         stubs.feedback.SubmitFeedback(make(reply.response_id))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":")
+
+
+def test_feedback_on_an_unknown_answer_is_not_found_and_stores_nothing(server, stubs):
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.feedback.SubmitFeedback(
+            feedback_pb2.Feedback(event_id="x", response_id="r-nope", rating=4)
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details().startswith("response_id:")
+    assert SQLiteBuffer(server.buffer.path).last_seq() == 0
 
 
 def test_stream_feedback_counts_and_is_all_or_nothing(server, stubs):
@@ -164,7 +171,7 @@ def test_stream_feedback_counts_and_is_all_or_nothing(server, stubs):
                 ]
             )
         )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     kinds = [
         (s.feedback.event_id, str(s.feedback.kind)) for s in buffer_of(server).read_samples(0, 10)
     ]
@@ -220,7 +227,7 @@ def test_metrics_endpoint_serves_prometheus_text(server, stubs):
         assert name in body
 
 
-def test_a_full_queue_is_resource_exhausted_at_once(serve_config):
+def test_a_full_queue_is_resource_exhausted_at_once(serve_config, api_key):
     """One request decoding, one waiting: every other concurrent request is refused."""
     import dataclasses
 
@@ -228,7 +235,7 @@ def test_a_full_queue_is_resource_exhausted_at_once(serve_config):
 
     running = start(dataclasses.replace(serve_config, max_queue=1, max_batch=1))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        with connect(f"127.0.0.1:{running.port}", api_key) as ch:
             stub = chat_pb2_grpc.ChatServiceStub(ch)
             calls = [
                 stub.Generate.future(ask(max_new_tokens=64, temperature=1.0, seed=i + 1))

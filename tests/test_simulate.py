@@ -112,10 +112,20 @@ def test_liked_rate_is_repeatable_on_one_version(channel):
     assert first == second and first[1] == Counter({"v0": 6})
 
 
-def test_kaizen_simulate_runs_against_a_server_and_refuses_bad_flags(server, capsys):
+def test_kaizen_simulate_runs_against_a_server_and_refuses_bad_flags(
+    server, capsys, api_key, tmp_path, monkeypatch
+):
     address = f"127.0.0.1:{server.port}"
-    assert main(["simulate", "--server", address, "--events", "5", "--max-new-tokens", "4"]) == 0
+    monkeypatch.delenv("KAIZEN_API_KEY", raising=False)
+    assert main(["simulate", "--server", address, "--events", "1"]) == 1  # no credential
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    key_file = tmp_path / "key"
+    key_file.write_text(api_key + "\n")
+    run = ["simulate", "--server", address, "--key-file", str(key_file)]
+    assert main([*run, "--events", "5", "--max-new-tokens", "4"]) == 0
     assert "feedback events" in capsys.readouterr().out
+    monkeypatch.setenv("KAIZEN_API_KEY", api_key)
+    assert main(["simulate", "--server", address, "--events", "2", "--max-new-tokens", "4"]) == 0
     assert main(["simulate", "--server", address, "--preference", "verbose"]) == 2
     assert main(["simulate", "--server", address, "--events", "0"]) == 2
     assert "--events: must be 1 or more" in capsys.readouterr().err

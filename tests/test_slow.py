@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import grpc
 import pytest
 
+from kaizen.client import connect
 from kaizen.modeling import DEFAULT_MODEL_DIR
 from kaizen.v1 import chat_pb2_grpc
 from tests.conftest import ask
@@ -24,12 +24,12 @@ def real_model() -> Path:
     return REAL
 
 
-def test_the_real_model_answers_a_simple_question(serve_config, real_model):
+def test_the_real_model_answers_a_simple_question(serve_config, real_model, api_key):
     from server.app import start
 
     running = start(dataclasses.replace(serve_config, model=real_model))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        with connect(f"127.0.0.1:{running.port}", api_key) as ch:
             reply = chat_pb2_grpc.ChatServiceStub(ch).Generate(
                 ask("What is the capital of France?", max_new_tokens=16, temperature=0.0)
             )
