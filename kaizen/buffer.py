@@ -8,6 +8,8 @@ acknowledged once it is durable, and under load many events share one fsync.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -18,8 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from kaizen.errors import AlreadyExists, NotFound, ResourceExhausted, Unavailable
+from kaizen.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from kaizen.events import Feedback, FeedbackKind, Generation
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -47,10 +58,20 @@ CREATE TABLE IF NOT EXISTS feedback (
     text TEXT NOT NULL,
     payload_sha256 TEXT NOT NULL,
     received_at REAL NOT NULL,
-    source TEXT NOT NULL DEFAULT ''   -- who sent it: key:NAME, user:ID or insecure
+    source TEXT NOT NULL DEFAULT '',  -- who sent it: key:NAME, user:ID or insecure
+    state TEXT NOT NULL DEFAULT 'active'  -- active | superseded | withdrawn
 );
 CREATE INDEX IF NOT EXISTS feedback_response ON feedback(response_id);
+CREATE INDEX IF NOT EXISTS generations_user ON generations(user_id);
+CREATE INDEX IF NOT EXISTS generations_created ON generations(created_at);
+-- users forgotten on request: their rows are deleted and their old events refused. The
+-- id is kept only as a SHA-256, enough to recognise it, not to list who asked.
+CREATE TABLE IF NOT EXISTS forgotten (
+    user_sha256 TEXT PRIMARY KEY,
+    forgotten_at REAL NOT NULL
+);
 """
+ACTIVE, SUPERSEDED, WITHDRAWN = "active", "superseded", "withdrawn"
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,7 @@ class Sample:
 @dataclass(frozen=True)
 class StoreResult:
     new: tuple[bool, ...]  # per event, in order: True if stored now, False if a duplicate
+    superseded: int = 0  # earlier events of the same (user, answer, kind) replaced
 
     @property
     def accepted(self) -> int:
@@ -91,6 +113,14 @@ class ReplayBuffer(Protocol):
     def last_seq(self) -> int: ...
 
     def generation(self, response_id: str) -> Generation | None: ...
+
+    def withdraw(self, response_id: str, user_id: str, kind: str = "") -> int: ...
+
+    def forget_user(self, user_id: str) -> Forgotten: ...
+
+    def delete_before(self, created_before: float) -> tuple[int, int]: ...
+
+    def feedback_states(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
 
@@ -144,6 +174,9 @@ class SQLiteBuffer:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before we acknowledge it, power loss included.
         conn.execute("PRAGMA synchronous=FULL")
+        # deleted rows are overwritten with zeros, not left in free pages: forgetting a
+        # user removes their bytes from the file
+        conn.execute("PRAGMA secure_delete=ON")
         return conn
 
     # -- writes ------------------------------------------------------------------------
@@ -236,7 +269,7 @@ class SQLiteBuffer:
                    f.user_id AS f_user_id, f.kind, f.value, f.text AS f_text, f.received_at,
                    g.*
             FROM feedback f JOIN generations g ON g.response_id = f.response_id
-            WHERE f.seq > ? ORDER BY f.seq LIMIT ?
+            WHERE f.seq > ? AND f.state = 'active' ORDER BY f.seq LIMIT ?
         """
         with self._read_lock:
             rows = self._reader.execute(sql, (after_seq, limit)).fetchall()
@@ -283,6 +316,61 @@ class SQLiteBuffer:
             ).fetchone()
         return None if row is None else Generation.from_row(dict(row))
 
+    def withdraw(self, response_id: str, user_id: str, kind: str = "") -> int:
+        """Withdraw the user's active events on an answer (of `kind`, or all); how many."""
+        sql = (
+            f"UPDATE feedback SET state = '{WITHDRAWN}' WHERE response_id = ? AND user_id = ?"
+            f" AND state = '{ACTIVE}'" + (" AND kind = ?" if kind else "")
+        )
+        args = (response_id, user_id, *((kind,) if kind else ()))
+        return self._submit(lambda conn: conn.execute(sql, args).rowcount)  # type: ignore[return-value]
+
+    def forget_user(self, user_id: str) -> Forgotten:
+        """Delete the user's answers, the feedback on them and the user's own feedback,
+        write a tombstone, and truncate the WAL so the bytes are gone from disk too."""
+        if not user_id:
+            raise InvalidArgument("user_id", "required")
+        result = self._submit(lambda conn: _forget(conn, user_id))
+        self._checkpoint()
+        return result  # type: ignore[return-value]
+
+    def delete_before(self, created_before: float) -> tuple[int, int]:
+        """Delete answers created before a time and all feedback on them: (answers, events)."""
+
+        def work(conn: sqlite3.Connection) -> tuple[int, int]:
+            old = "SELECT response_id FROM generations WHERE created_at < ?"
+            events = conn.execute(
+                f"DELETE FROM feedback WHERE response_id IN ({old})", (created_before,)
+            ).rowcount
+            answers = conn.execute(
+                "DELETE FROM generations WHERE created_at < ?", (created_before,)
+            ).rowcount
+            return answers, events
+
+        result = self._submit(work)
+        if result != (0, 0):
+            self._checkpoint()
+        return result  # type: ignore[return-value]
+
+    def feedback_states(self) -> dict[str, int]:
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT state, COUNT(*) FROM feedback GROUP BY state"
+            ).fetchall()
+        return {ACTIVE: 0, SUPERSEDED: 0, WITHDRAWN: 0, **{r[0]: r[1] for r in rows}}
+
+    def _checkpoint(self, attempts: int = 50) -> None:
+        """Copy the WAL into the database and truncate it, so deleted rows' old page
+        images do not linger in the -wal file. Another process's open read can hold it
+        up; then it retries for a few seconds and says so if it could not."""
+        for _ in range(attempts):
+            with self._read_lock:
+                busy, _, _ = self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.1)
+        log.warning("replay buffer: the WAL could not be truncated (a reader holds it)")
+
     def close(self) -> None:
         if self._closed:
             return
@@ -294,15 +382,47 @@ class SQLiteBuffer:
             self._reader.close()
 
 
+@dataclass(frozen=True)
+class Forgotten:
+    answers: int  # answers deleted
+    feedback: int  # feedback events deleted
+    already: bool  # the user had been forgotten before
+
+
+def _forget(conn: sqlite3.Connection, user_id: str) -> Forgotten:
+    digest = user_sha256(user_id)
+    already = conn.execute("SELECT 1 FROM forgotten WHERE user_sha256 = ?", (digest,)).fetchone()
+    mine = "SELECT response_id FROM generations WHERE user_id = ?"
+    feedback = conn.execute(
+        f"DELETE FROM feedback WHERE user_id = ? OR response_id IN ({mine})", (user_id, user_id)
+    ).rowcount
+    answers = conn.execute("DELETE FROM generations WHERE user_id = ?", (user_id,)).rowcount
+    conn.execute(
+        "INSERT OR IGNORE INTO forgotten (user_sha256, forgotten_at) VALUES (?, ?)",
+        (digest, time.time()),
+    )
+    return Forgotten(answers, feedback, already is not None)
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a buffer written by an older kaizen up to SCHEMA (columns added since)."""
     columns = {r[1] for r in conn.execute("PRAGMA table_info(feedback)")}
     if "source" not in columns:
         conn.execute("ALTER TABLE feedback ADD COLUMN source TEXT NOT NULL DEFAULT ''")
+    if "state" not in columns:
+        conn.execute(f"ALTER TABLE feedback ADD COLUMN state TEXT NOT NULL DEFAULT '{ACTIVE}'")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS feedback_signal ON feedback(response_id, user_id, kind)"
+    )
+
+
+def user_sha256(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode()).hexdigest()
 
 
 def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreResult:
     new: list[bool] = []
+    superseded = 0
     now = time.time()
     for ev in events:
         digest = ev.payload_sha256()
@@ -316,6 +436,12 @@ def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreR
                 )
             new.append(False)
             continue
+        if conn.execute(
+            "SELECT 1 FROM forgotten WHERE user_sha256 = ?", (user_sha256(ev.user_id),)
+        ).fetchone():
+            raise FailedPrecondition(
+                "user_id", f"this user was forgotten; event {ev.event_id!r} is not stored"
+            )
         known = conn.execute(
             "SELECT 1 FROM generations WHERE response_id = ?", (ev.response_id,)
         ).fetchone()
@@ -338,5 +464,11 @@ def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreR
                 ev.source,
             ),
         )
+        # one effective signal per (user, answer, kind): this event replaces the others
+        superseded += conn.execute(
+            f"UPDATE feedback SET state = '{SUPERSEDED}' WHERE response_id = ? AND user_id = ?"
+            f" AND kind = ? AND state = '{ACTIVE}' AND event_id != ?",
+            (ev.response_id, ev.user_id, str(ev.kind), ev.event_id),
+        ).rowcount
         new.append(True)
-    return StoreResult(tuple(new))
+    return StoreResult(tuple(new), superseded)

@@ -43,6 +43,26 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
 
 
+def _buffer_forget(args: argparse.Namespace) -> int:
+    from kaizen.buffer import open_buffer
+
+    try:
+        buffer = open_buffer(args.buffer, must_exist=True)
+    except ValueError as exc:
+        print(f"kaizen buffer forget: {exc}", file=sys.stderr)
+        return 2
+    try:
+        done = buffer.forget_user(args.user)
+    finally:
+        buffer.close()
+    again = " (already forgotten before; a tombstone was there)" if done.already else ""
+    print(
+        f"forgot {args.user!r}: {done.answers} answers and {done.feedback} feedback events "
+        f"deleted from {args.buffer}{again}; their old events are refused from now on"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kaizen", description="A chatbot backend that learns online from its users."
@@ -100,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the buffer, registry and logs go; wiped first (default: kaizen-data/demo)",
     )
     demo.set_defaults(func=_demo)
+
+    buffer = commands.add_parser("buffer", help="operate on the replay buffer")
+    buffer_commands = buffer.add_subparsers(dest="buffer_command", required=True, metavar="ACTION")
+    forget = buffer_commands.add_parser(
+        "forget",
+        help="delete a user's answers and feedback (the bytes) and refuse their old events",
+        description="Delete every answer of the user, every feedback event on those answers "
+        "and every event the user sent; overwrite the freed pages and truncate the WAL so "
+        "the bytes are gone from disk; leave a tombstone (a SHA-256 of the id) so that the "
+        "user's old events are refused. Idempotent. Weights already trained keep what they "
+        "learned: see the README.",
+    )
+    forget.add_argument("--user", required=True, help="the user id to forget")
+    forget.add_argument(
+        "--buffer", default="sqlite:///kaizen-data/buffer.db", help="replay buffer URL"
+    )
+    forget.set_defaults(func=_buffer_forget)
 
     from kaizen import auth, simulate
 

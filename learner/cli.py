@@ -112,9 +112,16 @@ def _export(config):
     buffer = open_buffer(config.buffer, must_exist=True)
     try:
         n = export(buffer, rewards, config.out, config.format)
+        states = buffer.feedback_states()
     finally:
         buffer.close()
-    return lambda: print(f"kaizen replay export: {n} answers to {config.out} ({config.format})")
+    left_out = (
+        f"; left out: {states['superseded']} superseded and {states['withdrawn']} withdrawn "
+        "feedback events"
+    )
+    return lambda: print(
+        f"kaizen replay export: {n} answers to {config.out} ({config.format}){left_out}"
+    )
 
 
 def _learn(config):

@@ -36,6 +36,7 @@ from server.convert import Limits
 from server.engine import Engine
 from server.interceptor import ErrorInterceptor
 from server.limits import Limiter
+from server.retention import Retention
 from server.rollout import Rollout
 from server.servicers import ChatService, FeedbackService, ModelService
 from server.weights import RegistryWatcher, read_adapter
@@ -60,12 +61,15 @@ class RunningServer:
     buffer: ReplayBuffer
     health: health.HealthServicer
     _metrics_http: object
+    retention: Retention | None = None
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new RPCs, finish the ones in flight, then release everything."""
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_server.stop(grace_s).wait()
+        if self.retention is not None:
+            self.retention.stop()
         self.watcher.stop()
         self.engine.stop()
         self.buffer.close()
@@ -186,6 +190,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
             info.name,
             str(config.model),
             time.time(),
+            buffer,
         ),
         server,
     )
@@ -205,6 +210,10 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         config.metrics_port, addr=config.metrics_host
     )
     server.start()
+    retention = None
+    if config.retention_days > 0:
+        retention = Retention(buffer, config.retention_days)
+        retention.start()
     for name in ("", *SERVICES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
@@ -217,6 +226,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         buffer,
         health_servicer,
         metrics_http,
+        retention,
     )
 
 

@@ -89,6 +89,9 @@ class ServeConfig:
     max_feedback_text_chars: int = option(
         2000, "longest comment or correction, in characters (about one long answer)"
     )
+    retention_days: float = option(
+        0.0, "delete answers older than this many days, and their feedback (0 = keep all)"
+    )
     max_feedback_stream_bytes: int = option(
         1 << 20, "bytes of comment and correction text one StreamFeedback call may carry"
     )
@@ -105,6 +108,8 @@ class ServeConfig:
         if self.canary_margin < 0:
             raise ValueError(f"--canary-margin: must be 0 or more, got {self.canary_margin}")
         self.rate_limits()  # each limit positive
+        if self.retention_days < 0:
+            raise ValueError(f"--retention-days: 0 or more, got {self.retention_days}")
         if self.max_feedback_text_chars < 1 or self.max_feedback_stream_bytes < 1:
             raise ValueError("--max-feedback-text-chars, --max-feedback-stream-bytes: positive")
         if self.canary_min_feedback < 2:

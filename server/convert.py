@@ -21,7 +21,7 @@ class Limits:
     max_feedback_text_chars: int = 2_000  # a comment or a correction
 
 
-def _check_id(field: str, value: str, required: bool) -> None:
+def check_id(field: str, value: str, required: bool) -> None:
     if required and not value:
         raise InvalidArgument(field, "required, got an empty string")
     if len(value) > MAX_ID_CHARS:
@@ -64,8 +64,8 @@ def sampling_from_pb(request: chat_pb2.GenerateRequest, limits: Limits) -> Sampl
 
 
 def check_request_ids(request: chat_pb2.GenerateRequest) -> None:
-    _check_id("user_id", request.user_id, required=False)
-    _check_id("request_id", request.request_id, required=False)
+    check_id("user_id", request.user_id, required=False)
+    check_id("request_id", request.request_id, required=False)
 
 
 def check_context(prompt_tokens: int, sampling: Sampling, limits: Limits) -> None:
@@ -80,9 +80,9 @@ def check_context(prompt_tokens: int, sampling: Sampling, limits: Limits) -> Non
 
 def feedback_from_pb(fb: feedback_pb2.Feedback, max_text_chars: int, where: str = "") -> Feedback:
     """Check one Feedback message; `where` prefixes field names (`feedback[3].`) in a stream."""
-    _check_id(f"{where}event_id", fb.event_id, required=True)
-    _check_id(f"{where}response_id", fb.response_id, required=True)
-    _check_id(f"{where}user_id", fb.user_id, required=False)
+    check_id(f"{where}event_id", fb.event_id, required=True)
+    check_id(f"{where}response_id", fb.response_id, required=True)
+    check_id(f"{where}user_id", fb.user_id, required=False)
     signal = fb.WhichOneof("signal")
     value, text = 0.0, ""
     if signal is None:

@@ -90,3 +90,10 @@ RATE_LIMITED = Counter(
     "Requests refused by a per-user or per-key limit, by the limit's name",
     ["limit"],
 )
+ROWS_DELETED = Counter(
+    "kaizen_buffer_rows_deleted_total",
+    "Answers and feedback events deleted from the replay buffer, by reason (forget, retention)",
+    ["reason"],
+)
+for _reason in ("forget", "retention"):
+    ROWS_DELETED.labels(_reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import queue
 import time
 import uuid
@@ -23,7 +24,7 @@ from kaizen.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from kaizen.events import Feedback, Generation
+from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.v1 import (
@@ -39,6 +40,7 @@ from server.auth import acting_user, refuse
 from server.convert import (
     Limits,
     check_context,
+    check_id,
     check_request_ids,
     feedback_from_pb,
     messages_from_pb,
@@ -47,6 +49,8 @@ from server.convert import (
 from server.engine import Engine, Failed, Finished, Request, Serving, Token, resolve_seed
 from server.limits import Limiter
 from server.rollout import Rollout
+
+log = logging.getLogger(__name__)
 
 MAX_STREAM_EVENTS = 10_000
 
@@ -230,7 +234,9 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         for ev, new in zip(events, result.new, strict=True):  # counted once durable
             metrics.FEEDBACK.labels(str(ev.kind), "accepted" if new else "duplicate").inc()
         self.rollout.observe([ev for ev, new in zip(events, result.new, strict=True) if new])
-        return feedback_pb2.FeedbackAck(accepted=result.accepted, duplicates=result.duplicates)
+        return feedback_pb2.FeedbackAck(
+            accepted=result.accepted, duplicates=result.duplicates, superseded=result.superseded
+        )
 
     def _owned(self, event: Feedback, principal: Principal, where: str = "") -> Feedback:
         """`event` as the answer's own user's, recording who sent it. Feedback belongs to
@@ -271,6 +277,19 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
             return feedback_pb2.FeedbackAck()
         return self._store(events, context.principal)
 
+    def WithdrawFeedback(self, request, context):
+        check_id("response_id", request.response_id, required=True)
+        check_id("user_id", request.user_id, required=False)
+        kinds = [k.value for k in FeedbackKind if k != FeedbackKind.NO_REACTION]
+        if request.kind and request.kind not in kinds:
+            raise InvalidArgument("kind", f"{request.kind!r} is not one of {', '.join(kinds)}")
+        probe = Feedback("withdraw", request.response_id, request.user_id, FeedbackKind.THUMB)
+        user = self._owned(probe, context.principal).user_id
+        self.limiter.feedback(context.principal, {user: 1})
+        n = self.buffer.withdraw(request.response_id, user, request.kind)
+        metrics.FEEDBACK.labels(request.kind or "all", "withdrawn").inc(n)
+        return feedback_pb2.WithdrawAck(withdrawn=n)
+
 
 def _timestamp(unix_s: float) -> Timestamp:
     ts = Timestamp()
@@ -301,6 +320,7 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         base_model: str,
         base_model_path: str,
         started_at: float,
+        buffer: ReplayBuffer,
     ) -> None:
         self.engine = engine
         self.rollout = rollout
@@ -309,6 +329,7 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         self.base_model = base_model
         self.base_model_path = base_model_path
         self.started_at = started_at
+        self.buffer = buffer
 
     def GetModelInfo(self, request, context):
         engine = self.engine
@@ -404,3 +425,19 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument("version", "required (e.g. v3)")
         self.rollout.rollback(request.version, request.reason)
         return self._info(request.version)
+
+    def ForgetUser(self, request, context):
+        check_id("user_id", request.user_id, required=True)
+        done = self.buffer.forget_user(request.user_id)
+        metrics.ROWS_DELETED.labels("forget").inc(done.answers + done.feedback)
+        log.info(
+            "forgot a user on request: %d answers, %d feedback events deleted%s",
+            done.answers,
+            done.feedback,
+            " (already forgotten before)" if done.already else "",
+        )
+        return model_pb2.ForgetUserResponse(
+            answers_deleted=done.answers,
+            feedback_deleted=done.feedback,
+            already_forgotten=done.already,
+        )

@@ -43,9 +43,27 @@ class Feedback(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., response_id: _Optional[str] = ..., user_id: _Optional[str] = ..., thumb: _Optional[_Union[Thumb, str]] = ..., rating: _Optional[int] = ..., click: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ..., dwell_ms: _Optional[int] = ..., copy: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ..., regenerate: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ..., comment: _Optional[str] = ..., correction: _Optional[str] = ...) -> None: ...
 
 class FeedbackAck(_message.Message):
-    __slots__ = ("accepted", "duplicates")
+    __slots__ = ("accepted", "duplicates", "superseded")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicates: int
-    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    superseded: int
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., superseded: _Optional[int] = ...) -> None: ...
+
+class WithdrawRequest(_message.Message):
+    __slots__ = ("response_id", "user_id", "kind")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    response_id: str
+    user_id: str
+    kind: str
+    def __init__(self, response_id: _Optional[str] = ..., user_id: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class WithdrawAck(_message.Message):
+    __slots__ = ("withdrawn",)
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    withdrawn: int
+    def __init__(self, withdrawn: _Optional[int] = ...) -> None: ...

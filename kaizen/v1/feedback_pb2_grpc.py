@@ -44,6 +44,11 @@ class FeedbackServiceStub:
                 request_serializer=kaizen_dot_v1_dot_feedback__pb2.Feedback.SerializeToString,
                 response_deserializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
                 _registered_method=True)
+        self.WithdrawFeedback = channel.unary_unary(
+                '/kaizen.v1.FeedbackService/WithdrawFeedback',
+                request_serializer=kaizen_dot_v1_dot_feedback__pb2.WithdrawRequest.SerializeToString,
+                response_deserializer=kaizen_dot_v1_dot_feedback__pb2.WithdrawAck.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
@@ -62,6 +67,14 @@ class FeedbackServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WithdrawFeedback(self, request, context):
+        """Take a signal back: the user's effective events of `kind` (or of every kind) on an
+        answer. Withdrawn events never enter training or replay after this returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +87,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.StreamFeedback,
                     request_deserializer=kaizen_dot_v1_dot_feedback__pb2.Feedback.FromString,
                     response_serializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.SerializeToString,
+            ),
+            'WithdrawFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.WithdrawFeedback,
+                    request_deserializer=kaizen_dot_v1_dot_feedback__pb2.WithdrawRequest.FromString,
+                    response_serializer=kaizen_dot_v1_dot_feedback__pb2.WithdrawAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +148,33 @@ class FeedbackService:
             '/kaizen.v1.FeedbackService/StreamFeedback',
             kaizen_dot_v1_dot_feedback__pb2.Feedback.SerializeToString,
             kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WithdrawFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kaizen.v1.FeedbackService/WithdrawFeedback',
+            kaizen_dot_v1_dot_feedback__pb2.WithdrawRequest.SerializeToString,
+            kaizen_dot_v1_dot_feedback__pb2.WithdrawAck.FromString,
             options,
             channel_credentials,
             insecure,

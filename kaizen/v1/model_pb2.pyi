@@ -84,3 +84,19 @@ class RollbackRequest(_message.Message):
     version: str
     reason: str
     def __init__(self, version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ForgetUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ForgetUserResponse(_message.Message):
+    __slots__ = ("answers_deleted", "feedback_deleted", "already_forgotten")
+    ANSWERS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_DELETED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    answers_deleted: int
+    feedback_deleted: int
+    already_forgotten: bool
+    def __init__(self, answers_deleted: _Optional[int] = ..., feedback_deleted: _Optional[int] = ..., already_forgotten: _Optional[bool] = ...) -> None: ...

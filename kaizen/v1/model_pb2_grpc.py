@@ -54,6 +54,11 @@ class ModelServiceStub:
                 request_serializer=kaizen_dot_v1_dot_model__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=kaizen_dot_v1_dot_model__pb2.VersionInfo.FromString,
                 _registered_method=True)
+        self.ForgetUser = channel.unary_unary(
+                '/kaizen.v1.ModelService/ForgetUser',
+                request_serializer=kaizen_dot_v1_dot_model__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=kaizen_dot_v1_dot_model__pb2.ForgetUserResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -74,7 +79,7 @@ class ModelServiceServicer:
 
     def Promote(self, request, context):
         """Serve a version to everyone now: the running canary, or any servable version.
-        Needs `authorization: Bearer <token>` metadata when the server has --admin-token.
+        Needs a credential with scope `admin`, as do ListVersions, Rollback and ForgetUser.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +88,14 @@ class ModelServiceServicer:
     def Rollback(self, request, context):
         """Stop serving a version: the canary, or the serving version (the last promoted one
         before it takes its place). Same authorization as Promote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetUser(self, request, context):
+        """Delete a user's answers and feedback from the replay buffer and refuse their old
+        events from now on. Idempotent. Weights already trained keep what they learned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +123,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=kaizen_dot_v1_dot_model__pb2.RollbackRequest.FromString,
                     response_serializer=kaizen_dot_v1_dot_model__pb2.VersionInfo.SerializeToString,
+            ),
+            'ForgetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUser,
+                    request_deserializer=kaizen_dot_v1_dot_model__pb2.ForgetUserRequest.FromString,
+                    response_serializer=kaizen_dot_v1_dot_model__pb2.ForgetUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class ModelService:
             '/kaizen.v1.ModelService/Rollback',
             kaizen_dot_v1_dot_model__pb2.RollbackRequest.SerializeToString,
             kaizen_dot_v1_dot_model__pb2.VersionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kaizen.v1.ModelService/ForgetUser',
+            kaizen_dot_v1_dot_model__pb2.ForgetUserRequest.SerializeToString,
+            kaizen_dot_v1_dot_model__pb2.ForgetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,10 +59,14 @@ def every_rpc(channel: grpc.Channel, response_id: str) -> dict[str, object]:
         "GenerateStream": lambda: list(chat.GenerateStream(ask())),
         "SubmitFeedback": lambda: fb.SubmitFeedback(thumb),
         "StreamFeedback": lambda: fb.StreamFeedback(iter([thumb])),
+        "WithdrawFeedback": lambda: fb.WithdrawFeedback(
+            feedback_pb2.WithdrawRequest(response_id=response_id, kind="copy")
+        ),
         "GetModelInfo": lambda: model.GetModelInfo(model_pb2.GetModelInfoRequest()),
         "ListVersions": lambda: model.ListVersions(model_pb2.ListVersionsRequest()),
         "Promote": lambda: model.Promote(model_pb2.PromoteRequest(version="v0")),
         "Rollback": lambda: model.Rollback(model_pb2.RollbackRequest(version="v0")),
+        "ForgetUser": lambda: model.ForgetUser(model_pb2.ForgetUserRequest(user_id="nobody")),
     }
     codes = {}
     for name, call in calls.items():
@@ -162,9 +166,11 @@ def test_a_missing_scope_is_permission_denied_and_writes_nothing(secured, serve_
     assert denied == {
         "SubmitFeedback",
         "StreamFeedback",
+        "WithdrawFeedback",
         "ListVersions",
         "Promote",
         "Rollback",
+        "ForgetUser",
     }
     assert codes["Generate"] == codes["GenerateStream"] == grpc.StatusCode.OK
     assert "needs scope 'admin'" in codes["Promote.details"]
@@ -172,8 +178,9 @@ def test_a_missing_scope_is_permission_denied_and_writes_nothing(secured, serve_
     with connect(address, teach_only) as channel:
         codes = every_rpc(channel, rid)
     assert codes["Generate"] == codes["GenerateStream"] == grpc.StatusCode.PERMISSION_DENIED
-    assert codes["Promote"] == grpc.StatusCode.PERMISSION_DENIED
+    assert codes["Promote"] == codes["ForgetUser"] == grpc.StatusCode.PERMISSION_DENIED
     assert codes["SubmitFeedback"] == codes["StreamFeedback"] == grpc.StatusCode.OK
+    assert codes["WithdrawFeedback"] == grpc.StatusCode.OK
     # no answer; one thumb (SubmitFeedback and StreamFeedback sent the same event id)
     assert rows(serve_config.buffer) == (before[0], before[1] + 1)
 

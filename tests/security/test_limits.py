@@ -76,6 +76,7 @@ def test_one_user_over_the_feedback_limit_is_refused_and_others_are_not(
                     assert exc.details().startswith("user_feedback_per_min:"), exc.details()
         rss_after = rss_kb()
         accepted = codes.count("OK")
+        print(f"accepted {accepted} of {len(codes)}; RSS {rss_before} -> {rss_after} kB")
         # the first minute's allowance, plus what refilled while the loop ran
         assert limit <= accepted < limit + 10, accepted
         assert codes[:limit] == ["OK"] * limit
