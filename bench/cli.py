@@ -10,7 +10,7 @@ from kaizen.config import add_options, from_options
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from bench.config import JudgeBench, LearnBench, ServeBench, SwapBench
+    from bench.config import CanaryBench, JudgeBench, LearnBench, ServeBench, SwapBench
 
     parser = commands.add_parser("bench", help="measure serving and learning on this machine")
     benchmarks = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -62,6 +62,20 @@ def register(commands: argparse._SubParsersAction) -> None:
         JudgeBench,
         _judge,
     )
+    _add(
+        benchmarks.add_parser(
+            "canary",
+            help="false promotion, false rollback and feedback to a decision of the canary "
+            "test, over many simulated canaries",
+            description="Simulate --runs canary experiments per reward shape (thumbs, the "
+            "shipped reward mix, heavy users with their own tastes) and true Δ, and run the "
+            "server's mSPRT per answer and per user, and a z interval peeked at after every "
+            "event, on the same events. Report each test's promote rate with its 95 %% "
+            "interval, rollback rate and median canary events to a decision.",
+        ),
+        CanaryBench,
+        _canary,
+    )
 
 
 def _add(parser: argparse.ArgumentParser, config_cls: type, run: Callable) -> None:
@@ -101,6 +115,12 @@ def _swap(config) -> dict[str, object]:
 
 def _learn(config) -> dict[str, object]:
     from bench.learn import run
+
+    return run(config)
+
+
+def _canary(config) -> dict[str, object]:
+    from bench.canary import run
 
     return run(config)
 

@@ -80,3 +80,27 @@ class JudgeBench:
     comments: Path | None = option(
         None, "labelled comments, label<TAB>comment; default: learner/data/comments.tsv"
     )
+
+
+@dataclass(frozen=True)
+class CanaryBench:
+    runs: int = option(1000, "simulated canaries per scenario (shape × true Δ)")
+    users: int = option(1000, "users per run; about --share of them are in the canary")
+    share: float = option(0.1, "canary share of users (the server's --canary-share default)")
+    alpha: float = option(0.05, "the tests' stated false-promotion rate")
+    margin: float = option(0.02, "promote when not worse by more than this (--canary-margin)")
+    tau: float = option(0.2, "the mSPRT's mixing scale")
+    min_feedback: int = option(30, "units per arm before any decision (--canary-min-feedback)")
+    max_feedback: int = option(2000, "canary events after which it is rolled back undecided")
+    shapes: str = option("thumbs,mix,heavy", "reward shapes: thumbs, mix, heavy")
+    deltas: str = option(
+        "",
+        "true Δ values, comma-separated (default: −0.1, −margin−0.005, −margin, 0, "
+        "+margin, +2·margin)",
+    )
+    seed: int = option(0, "random seed")
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if not 0 < self.share < 1 or not 0 < self.alpha < 1:
+            raise ValueError("--share and --alpha: must be in (0, 1)")

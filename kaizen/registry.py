@@ -122,9 +122,15 @@ class Registry:
             return None
 
     def record_rollout(
-        self, version: str, state: str, reason: str, evidence: dict[str, object] | None = None
+        self,
+        version: str,
+        state: str,
+        reason: str,
+        evidence: dict[str, object] | None = None,
+        by: str = "test",
     ) -> None:
-        """Record a rollout decision (PROMOTED or ROLLED_BACK) about `version`, atomically."""
+        """Record a rollout decision (PROMOTED or ROLLED_BACK) about `version`, atomically;
+        `by` says who decided: "test" (the canary's), "operator", or "auto" (no canary)."""
         if state not in (PROMOTED, ROLLED_BACK):
             raise ValueError(f"state: {state!r} is not {PROMOTED} or {ROLLED_BACK}")
         folder = self.root / ROLLOUT_DIR
@@ -135,6 +141,7 @@ class Registry:
             "reason": reason,
             "evidence": evidence or {},
             "at": time.time(),
+            "by": by,
         }
         name = f"v{version_number(version):06d}.json"
         with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".tmp-", delete=False) as f:

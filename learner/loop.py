@@ -39,7 +39,7 @@ from kaizen import modeling
 from kaizen.bucket import Buckets, load_or_create_secret
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.events import Feedback, FeedbackKind, Generation
-from kaizen.registry import BASE_VERSION, Registry, version_number
+from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import load_rewards, reward
 from learner import metrics
 from learner.config import LearnerConfig
@@ -656,11 +656,69 @@ class Learner:
         )
         return self.version
 
+    # -- following the servers ---------------------------------------------------------
+
+    def rebase_target(self) -> tuple[str, str] | None:
+        """(version, why) when the learner should continue from the version servers serve
+        instead of its own: its last version was rolled back (by the canary's test or an
+        operator), or an operator promoted another version after it was published."""
+        if self.version != BASE_VERSION:
+            record = self.registry.rollout(self.version)
+            if record is not None and record["state"] == ROLLED_BACK:
+                serving = self.registry.serving()
+                return serving, f"{self.version} was rolled back ({record['reason']})"
+        published = (
+            self.registry.manifest(self.version).created_at if self.version != BASE_VERSION else 0.0
+        )
+        decided = [
+            r
+            for r in self.registry.decisions().values()
+            if r.get("by") == "operator" and r["state"] == PROMOTED and r["at"] > published
+        ]
+        if decided:
+            newest = max(decided, key=lambda r: r["at"])
+            serving = self.registry.serving()
+            if serving == str(newest["version"]) and serving != self.version:
+                return serving, f"an operator promoted {serving} ({newest['reason']})"
+        return None
+
+    def rebase(self, version: str, why: str) -> None:
+        """Continue from `version`'s weights: its adapter (v0: a zero update), its feedback
+        head, a fresh optimizer. The cursor stays: events since are trained onto it."""
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        with torch.no_grad():
+            if version == BASE_VERSION:
+                for name, p in self.model.named_parameters():
+                    if p.requires_grad and "lora_B" in name:
+                        p.zero_()  # B = 0: the adapter adds nothing, the base model
+            else:
+                path = self.registry.path(version)
+                weights = load_peft_weights(str(path), device=str(self.device))
+                set_peft_model_state_dict(self.model, weights)
+                if (path / HEAD_FILE).exists():
+                    self.head.load_state_dict(
+                        torch.load(path / HEAD_FILE, map_location=self.device, weights_only=True)
+                    )
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr)
+        log.warning("rebasing onto %s, the version servers serve: %s", version, why)
+        metrics.REBASES.inc()
+        self.version = version
+        self._published = self._snapshot()
+        metrics.VERSION.set(version_number(version))
+
+    def follow_servers(self) -> None:
+        if (target := self.rebase_target()) is not None:
+            self.rebase(*target)
+
     def run(self, stop: threading.Event) -> None:
         """Learn until `stop` is set or max_steps is reached. Each time it runs out of
-        events it logs once what it has and what it waits for."""
+        events it logs once what it has and what it waits for; between steps it rebases
+        onto the serving version when its own was rolled back or an operator promoted
+        another."""
         said = ""
         while not stop.is_set():
+            self.follow_servers()
             self.fill()
             self._show_window()
             trained = self.ready(self.config.batch_wait_s)

@@ -43,6 +43,11 @@ PUBLISH_EVERY = Gauge(
     "kaizen_learner_publish_every", "--publish-every: a version is due at this many examples"
 )
 PENDING = Gauge("kaizen_learner_pending_examples", "Examples read into the batch being filled")
+REBASES = Counter(
+    "kaizen_learner_rebases_total",
+    "Times the learner went back to the serving version (its own rolled back, or an "
+    "operator promoted another)",
+)
 PROBE_KL = Gauge("kaizen_learner_probe_kl", "Mean per-token KL to the base on the probe set")
 REJECTED = Counter("kaizen_learner_versions_rejected_total", "Candidates a guard refused")
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")

@@ -31,6 +31,7 @@ from kaizen.registry import BASE_VERSION, version_number
 from server import metrics
 
 log = logging.getLogger(__name__)
+LATE_DECISION_S = 60.0  # a decision the loop has taken is applied within this, or it is dead
 
 BASE_SLOT = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -370,23 +371,43 @@ class Engine:
 
     def promote_canary(self, version: str, timeout_s: float = 10.0) -> bool:
         """The canary becomes the serving version. False if `version` is not the canary
-        (never installed, failed, or already gone)."""
-        return self._decide("promote", version, timeout_s)
+        (never installed, failed, or already gone) or if the decode loop did not take the
+        decision within `timeout_s`: then the decision is withdrawn, so False always
+        means it was not promoted, now or later."""
+        return self._decide("promote", version, timeout_s, withdraw=True)
 
     def drop_canary(self, version: str, timeout_s: float = 10.0) -> bool:
-        """Stop routing to the canary (its rows finish on it). False if it is not the canary."""
-        return self._decide("drop", version, timeout_s)
+        """Stop routing to the canary (its rows finish on it). False if it is not the canary,
+        or not yet: a drop the loop has not taken in `timeout_s` stays queued and applies
+        at the next step (dropping is always safe)."""
+        return self._decide("drop", version, timeout_s, withdraw=False)
 
-    def _decide(self, op: str, version: str, timeout_s: float) -> bool:
+    def _decide(self, op: str, version: str, timeout_s: float, withdraw: bool) -> bool:
         if not self._running.is_set():  # no decode loop (starting, stopping): apply here
             with self._staged_lock:
                 self.install_staged()
                 return self._apply(op, version)
-        done, result = threading.Event(), []
+        entry = (op, version, threading.Event(), [])
+        done, result = entry[2], entry[3]
         with self._staged_lock:
-            self._decisions.append((op, version, done, result))
-        done.wait(timeout_s)
+            self._decisions.append(entry)
+        if done.wait(timeout_s) or not withdraw:
+            return bool(result and result[0])
+        with self._staged_lock:
+            if any(e is entry for e in self._decisions):  # never taken: nothing happened
+                self._decisions = [e for e in self._decisions if e is not entry]
+                log.warning("%s of %s withdrawn: the decode loop did not take it", op, version)
+                return False
+        done.wait(LATE_DECISION_S)  # the loop holds it: it is being applied right now
         return bool(result and result[0])
+
+    def unstage_restore(self, adapter: Adapter | None) -> bool:
+        """Withdraw a `restore` the decode loop has not taken yet; False if it has."""
+        with self._staged_lock:
+            if "restore" in self._staged and self._staged["restore"] is adapter:
+                del self._staged["restore"]
+                return True
+        return False
 
     def _apply(self, op: str, version: str) -> bool:
         canary = self.canary

@@ -28,6 +28,7 @@ from server.engine import Adapter, Engine
 
 log = logging.getLogger(__name__)
 
+LATE_INSTALL_S = 60.0  # a restore the decode loop has taken finishes within this
 MAX_REMEMBERED = 100_000  # answers whose version is known without asking the buffer
 
 
@@ -117,7 +118,7 @@ class Rollout:
             if self.policy.share <= 0:
                 self.engine.stage(adapter)
                 self.registry.record_rollout(
-                    adapter.version, PROMOTED, "no canary (--canary-share 0)"
+                    adapter.version, PROMOTED, "no canary (--canary-share 0)", by="auto"
                 )
                 return
             self.engine.stage(adapter, role="canary")
@@ -155,13 +156,16 @@ class Rollout:
     def _apply(self, e: Experiment, decision: str, reason: str, by: str) -> None:
         version = e.canary
         if decision == "promote" and self.engine.promote_canary(version):
-            self.registry.record_rollout(version, PROMOTED, reason, e.evidence())
+            self.registry.record_rollout(version, PROMOTED, reason, e.evidence(), by=by)
         else:
             if decision == "promote":  # its install failed, or it is gone: never served
-                reason = f"promoted, but it is not installed: {reason}"
+                reason = (
+                    "promoted, but the engine could not apply it (not installed, or the "
+                    f"decode loop did not take it in time): {reason}"
+                )
                 decision = "rollback"
             self.engine.drop_canary(version)
-            self.registry.record_rollout(version, ROLLED_BACK, reason, e.evidence())
+            self.registry.record_rollout(version, ROLLED_BACK, reason, e.evidence(), by=by)
         self._end(e, decision, by)
         log.info("canary %s: %s (%s) — %s", version, decision, by, reason)
 
@@ -210,8 +214,14 @@ class Rollout:
         """Make `version` the serving version now; UNAVAILABLE if the engine did not."""
         adapter = self._read(version)
         self.engine.restore(adapter)
-        if not self.engine.wait_serving(version):
-            raise Unavailable(f"version: the decode loop did not install {version} in time")
+        if self.engine.wait_serving(version):
+            return
+        if self.engine.unstage_restore(adapter):  # withdrawn: nothing changed, nothing recorded
+            raise Unavailable(
+                f"version: the decode loop did not install {version} in time; nothing changed"
+            )
+        if not self.engine.wait_serving(version, timeout_s=LATE_INSTALL_S):  # taken: finishing
+            raise Unavailable(f"version: the decode loop took {version} but did not serve it")
 
     def _operator_decides_canary(self, version: str, decision: str, reason: str) -> bool:
         """End the running experiment with an operator's decision, if `version` is its
@@ -236,7 +246,7 @@ class Rollout:
             self._stop_experiment(f"an operator promoted {version}")
             self._serve(version)
             if version != BASE_VERSION:
-                self.registry.record_rollout(version, PROMOTED, reason)
+                self.registry.record_rollout(version, PROMOTED, reason, by="operator")
             metrics.CANARY_DECISIONS.labels("promote", "operator").inc()
 
     def rollback(self, version: str, reason: str) -> str:
@@ -259,7 +269,7 @@ class Rollout:
             self._read(previous)  # refuse before touching anything
             self._stop_experiment(f"its baseline {version} is being rolled back")
             self._serve(previous)
-            self.registry.record_rollout(version, ROLLED_BACK, reason)
+            self.registry.record_rollout(version, ROLLED_BACK, reason, by="operator")
             metrics.CANARY_DECISIONS.labels("rollback", "operator").inc()
             return previous
 

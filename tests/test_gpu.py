@@ -21,7 +21,7 @@ def test_server_generates_on_cuda(serve_config, api_key):
     from kaizen.v1 import chat_pb2_grpc
     from server.app import start
 
-    running = start(dataclasses.replace(serve_config, device="cuda"))
+    running = start(dataclasses.replace(serve_config, device="cuda", dtype="auto"))
     try:
         assert running.engine.device.type == "cuda"
         assert next(running.engine.model.parameters()).dtype == torch.bfloat16

@@ -318,3 +318,69 @@ def test_only_held_out_events_publish_nothing(learner_config):
     learner.fill()
     assert not learner.pending and learner.since_publish == 3 and not learner.due()
     assert "nothing trained to publish" in learner.waiting()
+
+
+def adapter_of(learner: Learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
+
+
+def test_the_learner_rebases_onto_the_serving_version_after_a_rollback(learner_config, caplog):
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    from kaizen.registry import PROMOTED, ROLLED_BACK
+
+    learner = Learner(learner_config)
+    registry = Registry(learner_config.registry)
+    for start in (0, 2):  # two versions, v1 then v2
+        add_thumbs(learner.buffer, learner.tokenizer, start, 2)
+        learner.fill()
+        learner.train_pending()
+        learner.publish()
+    assert learner.version == "v2"
+    learner.follow_servers()
+    assert learner.version == "v2"  # nothing decided yet: nothing to follow
+    registry.record_rollout("v1", PROMOTED, "canary promoted")
+    learner.follow_servers()
+    assert learner.version == "v2"  # v2 is v1's child, waiting for its turn: keep going
+
+    caplog.set_level("WARNING", logger="learner.loop")
+    registry.record_rollout("v2", ROLLED_BACK, "worse than v1")
+    learner.follow_servers()
+    assert learner.version == "v1"
+    assert "rebasing onto v1" in caplog.text and "v2 was rolled back" in caplog.text
+    saved = load_peft_weights(str(registry.path("v1")), device="cpu")
+    mine = get_peft_model_state_dict(learner.model)
+    assert set(saved) == set(mine)
+    assert all(torch.equal(saved[k], mine[k]) for k in saved)
+    add_thumbs(learner.buffer, learner.tokenizer, 4, 2)
+    learner.fill()
+    learner.train_pending()
+    learner.publish()
+    assert learner.version == "v3" and registry.manifest("v3").parent == "v1"
+
+    registry.record_rollout("v1", ROLLED_BACK, "operator rollback", by="operator")
+    registry.record_rollout("v3", ROLLED_BACK, "worse than v1")
+    learner.follow_servers()  # nothing promoted is left: the base model
+    assert learner.version == "v0"
+    assert all(
+        torch.count_nonzero(p) == 0 for n, p in learner.model.named_parameters() if "lora_B" in n
+    )
+
+
+def test_an_operator_promotion_of_another_version_is_followed(learner_config, caplog):
+    from kaizen.registry import PROMOTED
+
+    learner = Learner(learner_config)
+    registry = Registry(learner_config.registry)
+    for start in (0, 2):
+        add_thumbs(learner.buffer, learner.tokenizer, start, 2)
+        learner.fill()
+        learner.train_pending()
+        learner.publish()
+    registry.record_rollout("v2", PROMOTED, "canary promoted")
+    learner.follow_servers()
+    assert learner.version == "v2"  # its own version promoted: nothing to do
+    caplog.set_level("WARNING", logger="learner.loop")
+    registry.record_rollout("v1", PROMOTED, "v2 confuses users", by="operator")
+    learner.follow_servers()
+    assert learner.version == "v1" and "an operator promoted v1" in caplog.text

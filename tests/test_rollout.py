@@ -175,3 +175,61 @@ def test_admin_rpcs_need_the_admin_scope_and_roll_back_to_the_last_promoted_vers
             running.model.Promote(request, metadata=token)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert refused.value.details().startswith(field)
+
+
+def park_the_decode_loop(engine, monkeypatch):
+    """Stop the decode loop before it installs anything; returns (parked, go_on) events."""
+    import threading
+
+    parked, go_on = threading.Event(), threading.Event()
+    install = engine.install_staged
+
+    def slow() -> None:
+        parked.set()
+        go_on.wait()
+        install()
+
+    monkeypatch.setattr(engine, "install_staged", slow)
+    assert parked.wait(10)
+    return go_on
+
+
+def test_a_promotion_that_times_out_is_withdrawn_and_never_served_later(
+    rollout_server, tiny_model, monkeypatch
+):
+    running = rollout_server(canary_share=0.5, canary_min_feedback=10_000)  # no test decision
+    v1 = publish_random_adapter(Registry(running.watcher.registry.root), tiny_model, seed=1)
+    engine = running.engine
+    wait_until(lambda: engine.canary is not None, what="the canary install")
+    go_on = park_the_decode_loop(engine, monkeypatch)
+    assert engine.promote_canary(v1, timeout_s=0.2) is False  # a slow swap: timed out
+    go_on.set()
+    assert running.chat.Generate(ask(user_id=USERS[0])).model_version in ("v0", v1)
+    time.sleep(0.2)
+    assert engine.version == "v0" and engine.canary.version == v1  # withdrawn, not applied late
+
+
+def test_an_operator_promotion_that_times_out_changes_nothing_and_records_nothing(
+    rollout_server, tiny_model, monkeypatch
+):
+    import functools
+
+    running = rollout_server()
+    registry = Registry(running.watcher.registry.root)
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    wait_until(lambda: running.engine.version == v1, what="serving v1")
+    v2 = publish_random_adapter(registry, tiny_model, seed=2)
+    wait_until(lambda: running.engine.version == v2, what="serving v2")
+    engine = running.engine
+    go_on = park_the_decode_loop(engine, monkeypatch)
+    monkeypatch.setattr(
+        engine, "wait_serving", functools.partial(type(engine).wait_serving, engine, timeout_s=0.2)
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        running.model.Promote(model_pb2.PromoteRequest(version=v1, reason="try"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "nothing changed" in err.value.details()
+    go_on.set()
+    time.sleep(0.3)
+    assert engine.version == v2 and registry.serving() == v2  # not applied later either
+    assert registry.rollout(v1)["reason"] != "try"

@@ -1,0 +1,270 @@
+"""`kaizen bench canary`: how often the canary's test promotes a worse version, rolls back a
+good one, and how much feedback it takes, over many simulated canaries.
+
+Each run is one canary experiment. `users` users are routed to the canary with
+probability `share` (fixed per user, as the server's bucketing does); events arrive one
+at a time from a user drawn by activity (uniform, or Zipf for heavy users); each event
+is one answer's reward, from the arm's reward distribution shifted by the user's own
+taste. Every test looks after every event, as the server does, and stops at its first
+decision; a canary that reaches `max_feedback` canary events undecided is rolled back.
+
+Reward shapes (serving arm; the canary's mean is the serving mean + Δ):
+- `thumbs`: ±1 thumbs, P(+1) = 0.6;
+- `mix`: the shipped reward file's skew: rare −1 (a thumb down), many small implicit
+  positives (a click 0.1, a dwell 0.3, a copy 0.5), a few +1; Δ moves mass between −1
+  and 0;
+- `heavy`: thumbs from users with Zipf(1.1) activity, each with a taste of their own
+  (sd 0.3 on the mean), so a heavy user's answers are not independent.
+
+Tests, all run on the same event streams:
+- `msprt_answer`: the server's mSPRT (`server.canary.msprt_interval`), one observation
+  per answer (the shipped default, --canary-unit answer);
+- `msprt_user`: the same with each user's mean reward as the observation;
+- `z_peek`: a fixed-horizon z interval at 1 − α, looked at after every event (the classic
+  mistake the always-valid tests exist to avoid).
+
+`tests/test_bench_canary.py` checks that this vectorised mSPRT decides exactly as
+`server.canary.Experiment` does on the same events.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+SHAPES = ("thumbs", "mix", "heavy")
+TESTS = ("msprt_answer", "msprt_user", "z_peek")
+MIN_VARIANCE = 0.01  # server.canary.msprt_interval's floor
+MIX_VALUES = np.array([-1.0, 0.0, 0.1, 0.3, 0.5, 1.0])
+MIX_PROBS = np.array([0.06, 0.30, 0.22, 0.25, 0.12, 0.05])  # mean 0.147
+THUMB_MEAN = 0.2  # P(+1) = 0.6
+TASTE_SD = 0.3
+ZIPF_S = 1.1
+
+
+@dataclass(frozen=True)
+class Scenario:
+    shape: str
+    delta: float  # true mean(canary) − mean(serving)
+
+
+def _draw_rewards(
+    rng: np.random.Generator, shape: str, means: np.ndarray, base: float
+) -> np.ndarray:
+    """One reward per run, each with its own target mean (arm mean + the user's taste);
+    `base` is the serving arm's mean, the unshifted mix."""
+    if shape == "mix":
+        # shift the mix: −d moves d of mass from 0 to −1 (d > 0), or back (d < 0)
+        d = np.clip(base - means, -MIX_PROBS[0], MIX_PROBS[1])
+        probs = np.tile(MIX_PROBS, (len(means), 1))
+        probs[:, 0] += d
+        probs[:, 1] -= d
+        u = rng.random(len(means))[:, None]
+        index = (u > probs.cumsum(1)).sum(1)
+        return MIX_VALUES[np.minimum(index, len(MIX_VALUES) - 1)]
+    p_up = np.clip((1 + means) / 2, 0.0, 1.0)
+    return np.where(rng.random(len(means)) < p_up, 1.0, -1.0)
+
+
+class _Arms:
+    """Running n, Σx, Σx² of the observations of each arm, for every run at once."""
+
+    def __init__(self, runs: int) -> None:
+        self.n = np.zeros((runs, 2))
+        self.total = np.zeros((runs, 2))
+        self.squares = np.zeros((runs, 2))
+
+    def stats(self):
+        n = np.maximum(self.n, 1)
+        mean = self.total / n
+        var = np.where(
+            self.n >= 2, (self.squares - self.n * mean**2) / np.maximum(self.n - 1, 1), 0.0
+        )
+        return self.n, mean, np.maximum(var, 0.0)
+
+
+def msprt_bounds(n, mean, var, alpha: float, tau: float):
+    """Vectorised `server.canary.msprt_interval`: arm 0 is the canary, arm 1 serving."""
+    v = np.maximum(var[:, 0], MIN_VARIANCE) / np.maximum(n[:, 0], 1) + np.maximum(
+        var[:, 1], MIN_VARIANCE
+    ) / np.maximum(n[:, 1], 1)
+    t2 = tau * tau
+    half = np.sqrt(v * (v + t2) / t2 * (2 * math.log(1 / alpha) + np.log((v + t2) / v)))
+    diff = mean[:, 0] - mean[:, 1]
+    ok = (n[:, 0] >= 2) & (n[:, 1] >= 2)
+    return np.where(ok, diff - half, -np.inf), np.where(ok, diff + half, np.inf)
+
+
+def z_bounds(n, mean, var, alpha: float):
+    v = np.maximum(var[:, 0], MIN_VARIANCE) / np.maximum(n[:, 0], 1) + np.maximum(
+        var[:, 1], MIN_VARIANCE
+    ) / np.maximum(n[:, 1], 1)
+    z = {0.05: 1.959964, 0.1: 1.644854, 0.01: 2.575829}.get(alpha)
+    if z is None:
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(1 - alpha / 2)
+    half = z * np.sqrt(v)
+    diff = mean[:, 0] - mean[:, 1]
+    ok = (n[:, 0] >= 2) & (n[:, 1] >= 2)
+    return np.where(ok, diff - half, -np.inf), np.where(ok, diff + half, np.inf)
+
+
+def simulate(
+    scenario: Scenario,
+    runs: int,
+    users: int,
+    share: float,
+    alpha: float,
+    margin: float,
+    tau: float,
+    min_feedback: int,
+    max_feedback: int,
+    seed: int,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every test's decision (+1 promote, −1 rollback, 0 window end) and the canary events
+    it had seen then, per run."""
+    rng = np.random.default_rng(seed)
+    R, U = runs, users
+    rows = np.arange(R)
+    in_canary = rng.random((R, U)) < share  # (R, U) fixed routing
+    heavy = scenario.shape == "heavy"
+    if heavy:
+        weights = 1.0 / np.arange(1, U + 1) ** ZIPF_S
+        taste = rng.normal(0.0, TASTE_SD, (R, U))
+    else:
+        weights = np.ones(U)
+        taste = np.zeros((R, U))
+    cdf = np.cumsum(weights / weights.sum())
+    base = MIX_PROBS @ MIX_VALUES if scenario.shape == "mix" else THUMB_MEAN
+    arm_mean = np.array([base + scenario.delta, base])  # canary, serving
+
+    answers, per_user = _Arms(R), _Arms(R)
+    user_sum = np.zeros((R, U))
+    user_cnt = np.zeros((R, U))
+    canary_events = np.zeros(R)
+    decision = {t: np.zeros(R, dtype=int) for t in TESTS}
+    at = {t: np.zeros(R) for t in TESTS}
+    open_ = {t: np.ones(R, dtype=bool) for t in TESTS}
+    # enough steps for max_feedback canary events at the expected canary share
+    steps = int(max_feedback / max(share, 1e-3) * 3)
+    for _ in range(steps):
+        if not any(o.any() for o in open_.values()):
+            break
+        u = np.minimum(np.searchsorted(cdf, rng.random(R)), U - 1)
+        arm = np.where(in_canary[rows, u], 0, 1)
+        r = _draw_rewards(rng, scenario.shape, arm_mean[arm] + taste[rows, u], base)
+        canary_events += arm == 0
+        answers.n[rows, arm] += 1
+        answers.total[rows, arm] += r
+        answers.squares[rows, arm] += r * r
+        old_k = user_cnt[rows, u]
+        old_m = np.where(old_k > 0, user_sum[rows, u] / np.maximum(old_k, 1), 0.0)
+        user_sum[rows, u] += r
+        user_cnt[rows, u] += 1
+        new_m = user_sum[rows, u] / user_cnt[rows, u]
+        per_user.n[rows, arm] += old_k == 0
+        per_user.total[rows, arm] += new_m - old_m
+        per_user.squares[rows, arm] += new_m**2 - old_m**2
+
+        for test in TESTS:
+            live = open_[test]
+            if not live.any():
+                continue
+            n, mean, var = (per_user if test == "msprt_user" else answers).stats()
+            if test == "z_peek":
+                low, high = z_bounds(n, mean, var, alpha)
+            else:
+                low, high = msprt_bounds(n, mean, var, alpha, tau)
+            enough = np.minimum(n[:, 0], n[:, 1]) >= min_feedback
+            rollback = live & enough & (high < 0)
+            promote = live & enough & ~rollback & (low > -margin)
+            window = live & ~rollback & ~promote & (canary_events >= max_feedback)
+            for mask, value in ((promote, 1), (rollback, -1), (window, 0)):
+                decision[test][mask] = value
+                at[test][mask] = canary_events[mask]
+                live &= ~mask
+    for test in TESTS:  # still open when the steps ran out: the window's rollback
+        at[test][open_[test]] = canary_events[open_[test]]
+    return {t: {"decision": decision[t], "canary_events": at[t]} for t in TESTS}
+
+
+def summarise(scenario: Scenario, outcome: dict[str, np.ndarray], margin: float) -> dict:
+    d, events = outcome["decision"], outcome["canary_events"]
+    runs = len(d)
+    promoted = int((d == 1).sum())
+    rolled = int((d == -1).sum())
+    from bench.learn import wilson
+
+    low, high = wilson(promoted, runs)
+    decided = d != 0
+    return {
+        "promote_rate": round(promoted / runs, 4),
+        "promote_ci95": [round(low, 4), round(high, 4)],
+        "rollback_rate": round(rolled / runs, 4),
+        "undecided_rate": round(1 - decided.mean(), 4),
+        "median_canary_events_to_decision": float(np.median(events[decided]))
+        if decided.any()
+        else None,
+        "worse_than_margin": scenario.delta < -margin,
+    }
+
+
+def run(config) -> dict[str, object]:
+    from bench.load import say
+
+    margin = config.margin
+    if config.deltas:
+        deltas = [float(x) for x in config.deltas.split(",")]
+    else:
+        deltas = [-0.1, -margin - 0.005, -margin, 0.0, margin, 2 * margin]
+    shapes = [s.strip() for s in config.shapes.split(",") if s.strip()]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        raise ValueError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    started = time.monotonic()
+    results = []
+    for i, shape in enumerate(shapes):
+        for j, delta in enumerate(deltas):
+            scenario = Scenario(shape, delta)
+            say(f"{shape} Δ={delta:+.3f}: {config.runs} canaries")
+            outcomes = simulate(
+                scenario,
+                runs=config.runs,
+                users=config.users,
+                share=config.share,
+                alpha=config.alpha,
+                margin=margin,
+                tau=config.tau,
+                min_feedback=config.min_feedback,
+                max_feedback=config.max_feedback,
+                seed=config.seed + 1000 * i + j,
+            )
+            results.append(
+                {
+                    "shape": shape,
+                    "delta": delta,
+                    **{t: summarise(scenario, outcomes[t], margin) for t in TESTS},
+                }
+            )
+    worst = {
+        t: max((r[t]["promote_rate"] for r in results if r["delta"] < -margin), default=None)
+        for t in TESTS
+    }
+    return {
+        "runs_per_scenario": config.runs,
+        "users": config.users,
+        "share": config.share,
+        "alpha": config.alpha,
+        "margin": margin,
+        "tau": config.tau,
+        "min_feedback": config.min_feedback,
+        "max_feedback": config.max_feedback,
+        "tests": list(TESTS),
+        "worst_false_promotion": worst,
+        "scenarios": results,
+        "wall_s": round(time.monotonic() - started, 1),
+    }

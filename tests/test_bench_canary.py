@@ -1,0 +1,70 @@
+"""`kaizen bench canary`: the simulation's mSPRT is the server's, and the run reports what
+it should."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from bench.canary import msprt_bounds
+from kaizen.cli import main
+from server.canary import Arm, CanaryPolicy, Experiment, msprt_interval
+
+
+@pytest.mark.parametrize("unit", ["answer", "user"])
+def test_the_vectorised_bounds_are_the_servers(unit):
+    rng = random.Random(3)
+    for trial in range(20):
+        arms = (Arm(), Arm())
+        stats = np.zeros((3, 1, 2))  # n, Σ, Σ² of unit means, per arm
+        per_unit: dict[tuple[int, str], list[float]] = {}
+        for i in range(rng.randint(3, 80)):
+            a = rng.randrange(2)
+            r = rng.choice([-1.0, 0.1, 0.3, 0.5, 1.0])
+            key = f"u{rng.randrange(6)}" if unit == "user" else f"a{i}"
+            arms[a].add(r, key)
+            per_unit.setdefault((a, key), []).append(r)
+        for (a, _), rewards in per_unit.items():
+            m = sum(rewards) / len(rewards)
+            stats[:, 0, a] += (1, m, m * m)
+        n, total, squares = stats
+        mean = total / np.maximum(n, 1)
+        var = np.where(n >= 2, (squares - n * mean**2) / np.maximum(n - 1, 1), 0.0)
+        low, high = msprt_bounds(n, mean, np.maximum(var, 0), alpha=0.05, tau=0.2)
+        _, want_low, want_high = msprt_interval(arms[0], arms[1], 0.05, 0.2)
+        assert low[0] == pytest.approx(want_low, rel=1e-9, abs=1e-12), trial
+        assert high[0] == pytest.approx(want_high, rel=1e-9, abs=1e-12), trial
+
+
+def test_the_decision_rule_is_the_experiments():
+    """Rollback before promote, only with min_feedback units per arm: as Experiment."""
+    policy = CanaryPolicy(share=0.1, min_feedback=5, max_feedback=10**6, window_s=1e9)
+    exp = Experiment("v1", "v0", policy)
+    for i in range(40):
+        exp.add("v1", -1.0, f"c{i}")
+        exp.add("v0", 1.0 if i % 4 else -1.0, f"s{i}")
+    assert exp.decide(now=exp.started_at) == "rollback"
+
+
+def test_bench_canary_end_to_end_on_small_numbers(capsys):
+    argv = ["bench", "canary", "--json", "--runs", "60", "--max-feedback", "300"]
+    argv += ["--shapes", "thumbs,mix,heavy", "--deltas=-0.2,0.2"]
+    assert main(argv) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["runs_per_scenario"] == 60
+    assert [(s["shape"], s["delta"]) for s in figures["scenarios"]] == [
+        (shape, d) for shape in ("thumbs", "mix", "heavy") for d in (-0.2, 0.2)
+    ]
+    by = {(s["shape"], s["delta"]): s for s in figures["scenarios"]}
+    for test in ("msprt_answer", "msprt_user", "z_peek"):
+        bad, good = by[("thumbs", -0.2)][test], by[("thumbs", 0.2)][test]
+        assert bad["worse_than_margin"] and not good["worse_than_margin"]
+        assert bad["promote_rate"] <= 0.1 < 0.6 <= good["promote_rate"], test
+        low, high = good["promote_ci95"]
+        assert low <= good["promote_rate"] <= high
+        assert good["median_canary_events_to_decision"] > 0
+    assert set(figures["worst_false_promotion"]) == {"msprt_answer", "msprt_user", "z_peek"}
+    assert main(["bench", "canary", "--shapes", "nope"]) == 2
