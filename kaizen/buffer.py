@@ -114,6 +114,8 @@ class ReplayBuffer(Protocol):
 
     def generation(self, response_id: str) -> Generation | None: ...
 
+    def present(self, response_ids: Sequence[str]) -> set[str]: ...
+
     def withdraw(self, response_id: str, user_id: str, kind: str = "") -> int: ...
 
     def forget_user(self, user_id: str) -> Forgotten: ...
@@ -315,6 +317,20 @@ class SQLiteBuffer:
                 "SELECT * FROM generations WHERE response_id = ?", (response_id,)
             ).fetchone()
         return None if row is None else Generation.from_row(dict(row))
+
+    def present(self, response_ids: Sequence[str]) -> set[str]:
+        """Which of these answers are still in the buffer (not forgotten, not expired)."""
+        ids = list(dict.fromkeys(response_ids))
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = ids[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            with self._read_lock:
+                rows = self._reader.execute(
+                    f"SELECT response_id FROM generations WHERE response_id IN ({marks})", chunk
+                ).fetchall()
+            found.update(r[0] for r in rows)
+        return found
 
     def withdraw(self, response_id: str, user_id: str, kind: str = "") -> int:
         """Withdraw the user's active events on an answer (of `kind`, or all); how many."""

@@ -37,6 +37,12 @@ class DeadlineExceeded(KaizenError):
     status = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(KaizenError):
+    """The client went away (or its deadline passed) before the answer was finished."""
+
+    status = "CANCELLED"
+
+
 class Unavailable(KaizenError):
     """The component is shutting down or not ready."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class Answer:
     response: tuple[int, ...]
     behaviour: tuple[float, ...] | None  # logged log μ per response token; None: not sampled
     temperature: float  # 0: greedy or not sampled (no importance ratio)
+    source: str = field(default="", compare=False)  # the logged answer it comes from
 
     @classmethod
     def of(cls, g: Generation) -> Answer:
@@ -41,6 +42,7 @@ class Answer:
             tuple(g.response_tokens),
             tuple(g.behaviour_logprobs) if sampled else None,
             g.sampling.temperature if sampled else 0.0,
+            g.response_id,
         )
 
 
@@ -86,6 +88,13 @@ class Pair:
 
 Example = Scored | Target | Pair
 
+
+def sources(example: Example) -> set[str]:
+    """The logged answers an example was made from."""
+    parts = (example.chosen, example.rejected) if isinstance(example, Pair) else (example.answer,)
+    return {a.source for a in parts if a.source}
+
+
 # which examples each objective trains on
 USES: dict[str, tuple[type, ...]] = {
     "reinforce": (Scored,),
@@ -112,7 +121,7 @@ class Shaper:
 
     def correction(self, g: Generation, text: str) -> Answer:
         tokens = self.tokenizer.encode(text.strip(), add_special_tokens=False)
-        return Answer(tuple(g.prompt_tokens), (*tokens, self.end_of_turn), None, 0.0)
+        return Answer(tuple(g.prompt_tokens), (*tokens, self.end_of_turn), None, 0.0, g.response_id)
 
     def examples(
         self, g: Generation, kind: FeedbackKind, reward: float | None, text: str = ""

@@ -44,7 +44,17 @@ from kaizen.rewards import load_rewards, reward
 from learner import metrics
 from learner.config import LearnerConfig
 from learner.estimators import effective_sample_size, estimate_all, paired_difference, weights
-from learner.examples import USES, Answer, Example, Pair, Scored, Shaper, Target, collate
+from learner.examples import (
+    USES,
+    Answer,
+    Example,
+    Pair,
+    Scored,
+    Shaper,
+    Target,
+    collate,
+    sources,
+)
 from learner.objectives import (
     OBJECTIVES,
     FeedbackHead,
@@ -400,8 +410,21 @@ class Learner:
             metrics.REWARD.set(mean_reward)
         return StepResult(reason == "ok", reason, float(loss.detach()), float(kl), mean_reward)
 
+    def drop_deleted(self, batch: list[Example]) -> list[Example]:
+        """`batch` without the examples whose answers left the buffer since they were read
+        (a user forgotten, or retention): they never enter an update."""
+        wanted = set().union(*(sources(ex) for ex in batch)) if batch else set()
+        if not wanted:
+            return batch
+        present = self.buffer.present(sorted(wanted))
+        kept = [ex for ex in batch if sources(ex) <= present]
+        if len(kept) < len(batch):
+            metrics.DROPPED_DELETED.inc(len(batch) - len(kept))
+            log.info("left out %d examples whose answers were deleted", len(batch) - len(kept))
+        return kept
+
     def train_pending(self) -> StepResult:
-        batch, self.pending = self.pending, []
+        batch, self.pending = self.drop_deleted(self.pending), []
         result = self.step(batch)
         # Consumed either way: a dropped step's events are not retried forever.
         self.progress.cursor = self.read_cursor
@@ -526,6 +549,10 @@ class Learner:
         from learner.replay import Scorer
 
         c = self.config
+        present = self.buffer.present([a.source for a, _ in self.heldout])
+        self.heldout = collections.deque(
+            ((a, r) for a, r in self.heldout if a.source in present), maxlen=c.gate_window
+        )
         held = list(self.heldout)
         evidence: dict[str, object] = {"events": len(held), "judged": False}
         if len(held) < c.gate_min_events or c.gate_holdout <= 0:

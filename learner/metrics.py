@@ -48,6 +48,10 @@ REBASES = Counter(
     "Times the learner went back to the serving version (its own rolled back, or an "
     "operator promoted another)",
 )
+DROPPED_DELETED = Counter(
+    "kaizen_learner_examples_dropped_deleted_total",
+    "Examples left out of a step because their answers left the buffer (forgotten, retention)",
+)
 PROBE_KL = Gauge("kaizen_learner_probe_kl", "Mean per-token KL to the base on the probe set")
 REJECTED = Counter("kaizen_learner_versions_rejected_total", "Candidates a guard refused")
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")

@@ -15,6 +15,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import kaizen
 from kaizen import modeling
 from kaizen.auth import Authenticator
 from kaizen.bucket import Buckets, load_or_create_secret
@@ -30,6 +31,7 @@ from kaizen.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
+from server import metrics
 from server.auth import AuthInterceptor
 from server.config import ServeConfig
 from server.convert import Limits
@@ -118,6 +120,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
     """Start serving. Refuses (ValueError) without credentials unless the config says
     --insecure-no-auth; `jwt_secret` is the user tokens' key, read by the caller from a
     file or the environment."""
+    metrics.BUILD_INFO.labels(kaizen.__version__).set(1)
     auth = authenticator(config, jwt_secret)
     credentials = server_credentials(config)
     if auth is None:

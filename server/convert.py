@@ -44,21 +44,30 @@ def messages_from_pb(request: chat_pb2.GenerateRequest) -> list[dict[str, str]]:
 
 
 def sampling_from_pb(request: chat_pb2.GenerateRequest, limits: Limits) -> Sampling:
+    """The sampling asked for; each field left unset takes the server's default."""
+    default = limits.default_sampling
     if not request.HasField("sampling"):
-        return limits.default_sampling
+        return default
     s = request.sampling
+
+    def given(name: str, fallback):
+        return getattr(s, name) if s.HasField(name) else fallback
+
     cap = limits.max_new_tokens_cap
-    if not 1 <= s.max_new_tokens <= cap:
-        raise InvalidArgument("sampling.max_new_tokens", f"{s.max_new_tokens} is outside 1..{cap}")
-    if not 0.0 <= s.temperature <= 2.0:  # NaN fails this too
-        raise InvalidArgument("sampling.temperature", f"{s.temperature} is outside 0..2")
-    if not 0.0 <= s.top_p <= 1.0:
-        raise InvalidArgument("sampling.top_p", f"{s.top_p} is outside 0..1")
+    max_new_tokens = given("max_new_tokens", default.max_new_tokens)
+    temperature = given("temperature", default.temperature)
+    top_p = given("top_p", default.top_p)
+    if not 1 <= max_new_tokens <= cap:
+        raise InvalidArgument("sampling.max_new_tokens", f"{max_new_tokens} is outside 1..{cap}")
+    if not 0.0 <= temperature <= 2.0:  # NaN fails this too
+        raise InvalidArgument("sampling.temperature", f"{temperature} is outside 0..2")
+    if not 0.0 <= top_p <= 1.0:
+        raise InvalidArgument("sampling.top_p", f"{top_p} is outside 0..1")
     return Sampling(
-        max_new_tokens=s.max_new_tokens,
-        temperature=float(s.temperature),
-        top_p=float(s.top_p) if s.top_p > 0 else 1.0,
-        seed=int(s.seed),
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p) if top_p > 0 else 1.0,
+        seed=int(given("seed", default.seed)),
         ignore_eos=bool(s.ignore_eos),
     )
 

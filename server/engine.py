@@ -462,14 +462,18 @@ class Engine:
         )
         metrics.QUEUE_DEPTH.set(len(self._waiting))
         if not batch.rows and not newcomers:
+            metrics.RUNNING.set(0)
             self._retire_slots()
             return
+        started = time.perf_counter()
+        metrics.RUNNING.set(len(batch) + len(newcomers))
         logits = []
         if batch.rows:
             logits.append(self._decode_step(batch))
         if newcomers:
             logits.append(self._prefill(newcomers, batch))
         self._sample_and_emit(torch.cat(logits))
+        metrics.DECODE_STEP.observe(time.perf_counter() - started)
 
     def _admit(self, requests: list[Request]) -> list[_Row]:
         rows = []
@@ -483,6 +487,7 @@ class Engine:
                 continue
             if not r.admit():
                 continue  # expired while waiting: its caller already answered
+            metrics.QUEUE_WAIT.observe(now - r.enqueued_at)
             canary = self.canary
             version = r.version or (
                 canary.version if r.canary and canary is not None else self.serving.version

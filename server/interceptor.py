@@ -28,7 +28,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method.rsplit("/", 1)[-1]
 
         def finish(context, started: float, exc: BaseException | None) -> None:
-            code = grpc.StatusCode.OK
+            # a call whose client went away mid-answer is CANCELLED, whatever it returned
+            code = grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED
             if exc is not None:
                 already = context.code()
                 if already is not None and already != grpc.StatusCode.OK:  # handler aborted
@@ -57,6 +58,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 started = time.perf_counter()
                 try:
                     yield from behaviour(request, context)
+                except GeneratorExit:  # the client cancelled the stream: gRPC closed us
+                    metrics.REQUESTS.labels(method, grpc.StatusCode.CANCELLED.name).inc()
+                    raise
                 except Exception as exc:  # noqa: BLE001
                     finish(context, started, exc)
                 finish(context, started, None)

@@ -39,6 +39,47 @@ MIXED_STEPS = Counter(
     "Decode steps whose batch held rows of more than one version (serving and canary)",
 )
 QUEUE_DEPTH = Gauge("kaizen_queue_depth", "Requests waiting for a batch")
+RUNNING = Gauge("kaizen_requests_running", "Requests being decoded (rows of the batch)")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "kaizen_time_to_first_token_seconds",
+    "From a chat request's arrival to its first token, by arm (serving or canary)",
+    ["arm"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "kaizen_inter_token_latency_seconds",
+    "Between two tokens of one answer, by arm",
+    ["arm"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+QUEUE_WAIT = Histogram(
+    "kaizen_queue_wait_seconds",
+    "From a chat request's arrival to its admission into the batch",
+    buckets=LATENCY_BUCKETS,
+)
+DECODE_STEP = Histogram(
+    "kaizen_decode_step_seconds",
+    "One step of the decode loop (decode and prefill of newcomers, then sampling)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+TOKEN_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+REQUEST_PROMPT_TOKENS = Histogram(
+    "kaizen_request_prompt_tokens", "Prompt tokens of one chat request", buckets=TOKEN_BUCKETS
+)
+REQUEST_GENERATION_TOKENS = Histogram(
+    "kaizen_request_generation_tokens",
+    "Tokens generated for one answer",
+    buckets=TOKEN_BUCKETS,
+)
+FINISHED = Counter(
+    "kaizen_request_finished_total",
+    "Chat requests by how they ended: stop, length, cancelled, deadline, error",
+    ["reason"],
+)
+for _reason in ("stop", "length", "cancelled", "deadline", "error"):
+    FINISHED.labels(_reason)
+BUILD_INFO = Gauge("kaizen_build_info", "Always 1; the labels say what is running", ["version"])
 
 for _result in ("ok", "corrupt", "incompatible", "failed"):  # so a first failure is a change
     SWAPS.labels(_result)

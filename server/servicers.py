@@ -18,6 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kaizen.auth import Principal
 from kaizen.buffer import ReplayBuffer
 from kaizen.errors import (
+    Cancelled,
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -137,14 +139,41 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 # admitted at that very moment: wait for its tokens
 
     def _events(self, job: Request, answer: _Answer) -> Iterator[int]:
-        """Yield token ids as they come; fill `answer` with the version and finish reason."""
+        """Yield token ids as they come; fill `answer` with the version and finish reason;
+        observe the latencies a user feels and how the request ended."""
+        arm = "canary" if job.canary else "serving"
+        last = job.enqueued_at
+        try:
+            yield from self._tokens(job, answer, arm, last)
+        except (Cancelled, GeneratorExit):  # the client went away (a stream: gRPC closed it)
+            metrics.FINISHED.labels("cancelled").inc()
+            raise
+        except DeadlineExceeded:
+            metrics.FINISHED.labels("deadline").inc()
+            raise
+        except Exception:
+            metrics.FINISHED.labels("error").inc()
+            raise
+        metrics.FINISHED.labels(answer.finish_reason).inc()
+        metrics.REQUEST_PROMPT_TOKENS.observe(len(job.prompt_ids))
+        metrics.REQUEST_GENERATION_TOKENS.observe(len(answer.tokens))
+
+    def _tokens(self, job: Request, answer: _Answer, arm: str, last: float) -> Iterator[int]:
         while True:
             event = self._next_event(job)
             if isinstance(event, Token):
+                now = time.monotonic()
+                first = not answer.tokens
+                (metrics.TIME_TO_FIRST_TOKEN if first else metrics.INTER_TOKEN_LATENCY).labels(
+                    arm
+                ).observe(now - last)
+                last = now
                 answer.tokens.append(event.token_id)
                 answer.logprobs.append(event.logprob)
                 yield event.token_id
             elif isinstance(event, Finished):
+                if event.finish_reason == "cancelled":  # nobody will read it: not logged
+                    raise Cancelled("the client cancelled or its deadline passed")
                 answer.version, answer.finish_reason = event.version, event.finish_reason
                 return
             elif isinstance(event, Failed):
@@ -200,8 +229,6 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             delta = stream.push(token_id)
             if delta:
                 yield chat_pb2.GenerateChunk(text_delta=delta)
-        if answer.finish_reason == "cancelled":
-            return
         g = self._record(request, user, messages, job, answer, stream.text)
         yield chat_pb2.GenerateChunk(
             done=True,

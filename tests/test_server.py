@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import urllib.request
 
 import grpc
@@ -52,10 +53,19 @@ def test_same_seed_same_answer_streamed_or_not(stubs):
     assert all(not c.done for c in chunks[:-1])
 
 
-def test_unset_sampling_takes_the_server_defaults(stubs):
+def test_unset_sampling_takes_the_server_defaults(stubs, server, serve_config):
     request = chat_pb2.GenerateRequest(messages=[chat_pb2.Message(role="user", content="hi")])
     reply = stubs.chat.Generate(request)
     assert 1 <= reply.completion_tokens <= 8  # serve_config.default_max_new_tokens
+    # a message that sets only max_new_tokens: the temperature is the server's, not 0
+    request.sampling.max_new_tokens = 3
+    logged = server.buffer.generation(stubs.chat.Generate(request).response_id)
+    assert logged.sampling.max_new_tokens == 3
+    assert logged.sampling.temperature == serve_config.default_temperature == 0.7
+    assert logged.sampling.top_p == 1.0 and logged.sampling.seed != 0  # a drawn seed
+    request.sampling.temperature = 0.0  # set, and 0: greedy
+    logged = server.buffer.generation(stubs.chat.Generate(request).response_id)
+    assert logged.sampling.temperature == 0.0
 
 
 @pytest.mark.parametrize(
@@ -253,3 +263,84 @@ def test_a_full_queue_is_resource_exhausted_at_once(serve_config, api_key):
         running.stop(grace_s=1)
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all("--max-queue" in d for d in details)
+
+
+def long_request() -> chat_pb2.GenerateRequest:
+    request = ask(max_new_tokens=64, temperature=1.0, seed=5)
+    request.sampling.ignore_eos = True  # it runs all 64 steps: time to go away mid-answer
+    return request
+
+
+def requests_counted(method: str, code: str) -> float:
+    labels = {"method": method, "code": code}
+    return REGISTRY.get_sample_value("kaizen_requests_total", labels) or 0.0
+
+
+def test_a_cancelled_stream_is_counted_cancelled_and_not_logged(server, stubs):
+    from tests.conftest import wait_until
+
+    before = requests_counted("GenerateStream", "CANCELLED")
+    ok_before = requests_counted("GenerateStream", "OK")
+    call = stubs.chat.GenerateStream(long_request())
+    next(call)  # the answer is under way
+    call.cancel()
+    wait_until(
+        lambda: requests_counted("GenerateStream", "CANCELLED") == before + 1,
+        what="the cancelled stream counted as CANCELLED",
+    )
+    assert requests_counted("GenerateStream", "OK") == ok_before
+    with sqlite3.connect(server.buffer.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 0
+
+
+def test_a_generate_past_its_deadline_is_not_logged(server, stubs):
+    from tests.conftest import wait_until
+
+    before = requests_counted("Generate", "CANCELLED")
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.chat.Generate(long_request(), timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(
+        lambda: requests_counted("Generate", "CANCELLED") == before + 1,
+        what="the abandoned Generate counted as CANCELLED",
+    )
+    with sqlite3.connect(server.buffer.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 0
+
+
+def test_kaizen_version(capsys):
+    from importlib.metadata import version
+
+    from kaizen.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kaizen {version('kaizen')}"
+
+
+def test_the_latencies_users_feel_are_exported(server, stubs):
+    def count(name: str, labels: dict | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    serving = {"arm": "serving"}
+    before = {
+        "ttft": count("kaizen_time_to_first_token_seconds_count", serving),
+        "itl": count("kaizen_inter_token_latency_seconds_count", serving),
+        "wait": count("kaizen_queue_wait_seconds_count"),
+        "step": count("kaizen_decode_step_seconds_count"),
+        "length": count("kaizen_request_finished_total", {"reason": "length"}),
+        "generated": count("kaizen_request_generation_tokens_sum"),
+    }
+    request = ask(max_new_tokens=5, seed=9)
+    request.sampling.ignore_eos = True
+    reply = stubs.chat.Generate(request)
+    assert reply.completion_tokens == 5 and reply.finish_reason == "length"
+    assert count("kaizen_time_to_first_token_seconds_count", serving) == before["ttft"] + 1
+    assert count("kaizen_inter_token_latency_seconds_count", serving) == before["itl"] + 4
+    assert count("kaizen_queue_wait_seconds_count") == before["wait"] + 1
+    assert count("kaizen_decode_step_seconds_count") >= before["step"] + 5
+    assert count("kaizen_request_finished_total", {"reason": "length"}) == before["length"] + 1
+    assert count("kaizen_request_generation_tokens_sum") == before["generated"] + 5
+    assert count("kaizen_build_info", {"version": "0.1.0"}) == 1
+    assert count("kaizen_requests_running") in (0, 1)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kaizen/v1/chat.proto\x12\tkaizen.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"n\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\"\x89\x01\n\x0fGenerateRequest\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.kaizen.v1.Message\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.kaizen.v1.SamplingParams\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x95\x01\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\xa6\x01\n\rGenerateChunk\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x13\n\x0bresponse_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r2\x9c\x01\n\x0b\x43hatService\x12\x43\n\x08Generate\x12\x1a.kaizen.v1.GenerateRequest\x1a\x1b.kaizen.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.kaizen.v1.GenerateRequest\x1a\x18.kaizen.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kaizen/v1/chat.proto\x12\tkaizen.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x89\x01\n\x0fGenerateRequest\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.kaizen.v1.Message\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.kaizen.v1.SamplingParams\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x95\x01\n\x10GenerateResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\xa6\x01\n\rGenerateChunk\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x13\n\x0bresponse_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r2\x9c\x01\n\x0b\x43hatService\x12\x43\n\x08Generate\x12\x1a.kaizen.v1.GenerateRequest\x1a\x1b.kaizen.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.kaizen.v1.GenerateRequest\x1a\x18.kaizen.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MESSAGE']._serialized_start=35
   _globals['_MESSAGE']._serialized_end=75
-  _globals['_SAMPLINGPARAMS']._serialized_start=77
-  _globals['_SAMPLINGPARAMS']._serialized_end=187
-  _globals['_GENERATEREQUEST']._serialized_start=190
-  _globals['_GENERATEREQUEST']._serialized_end=327
-  _globals['_GENERATERESPONSE']._serialized_start=330
-  _globals['_GENERATERESPONSE']._serialized_end=479
-  _globals['_GENERATECHUNK']._serialized_start=482
-  _globals['_GENERATECHUNK']._serialized_end=648
-  _globals['_CHATSERVICE']._serialized_start=651
-  _globals['_CHATSERVICE']._serialized_end=807
+  _globals['_SAMPLINGPARAMS']._serialized_start=78
+  _globals['_SAMPLINGPARAMS']._serialized_end=262
+  _globals['_GENERATEREQUEST']._serialized_start=265
+  _globals['_GENERATEREQUEST']._serialized_end=402
+  _globals['_GENERATERESPONSE']._serialized_start=405
+  _globals['_GENERATERESPONSE']._serialized_end=554
+  _globals['_GENERATECHUNK']._serialized_start=557
+  _globals['_GENERATECHUNK']._serialized_end=723
+  _globals['_CHATSERVICE']._serialized_start=726
+  _globals['_CHATSERVICE']._serialized_end=882
 # @@protoc_insertion_point(module_scope)
