@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import prometheus_client
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kaizen
@@ -36,6 +36,7 @@ from server.auth import AuthInterceptor
 from server.config import ServeConfig
 from server.convert import Limits
 from server.engine import Engine
+from server.health import HealthWatch
 from server.interceptor import ErrorInterceptor
 from server.limits import Limiter
 from server.retention import Retention
@@ -61,14 +62,14 @@ class RunningServer:
     watcher: RegistryWatcher
     rollout: Rollout
     buffer: ReplayBuffer
-    health: health.HealthServicer
+    health: HealthWatch
     _metrics_http: object
     retention: Retention | None = None
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Refuse new RPCs, finish the ones in flight, then release everything."""
-        for name in ("", *SERVICES):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Turn health NOT_SERVING, refuse new RPCs (UNAVAILABLE), let the ones in flight
+        finish for up to `grace_s` (--drain-timeout-s), then release everything."""
+        self.health.stop()
         self.grpc_server.stop(grace_s).wait()
         if self.retention is not None:
             self.retention.stop()
@@ -213,12 +214,12 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         config.metrics_port, addr=config.metrics_host
     )
     server.start()
+    watch = HealthWatch(health_servicer, ("", *SERVICES), engine, config.stuck_after_s)
+    watch.start()
     retention = None
     if config.retention_days > 0:
         retention = Retention(buffer, config.retention_days)
         retention.start()
-    for name in ("", *SERVICES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(
         server,
         port,
@@ -227,7 +228,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         watcher,
         rollout,
         buffer,
-        health_servicer,
+        watch,
         metrics_http,
         retention,
     )
@@ -247,6 +248,9 @@ def serve(config: ServeConfig, jwt_secret: bytes | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     stopping.wait()
-    log.info("shutting down: finishing requests in flight")
-    running.stop()
+    log.info(
+        "shutting down: new calls get UNAVAILABLE; finishing those in flight (up to %g s)",
+        config.drain_timeout_s,
+    )
+    running.stop(config.drain_timeout_s)
     return 0

@@ -89,6 +89,14 @@ class ServeConfig:
     max_feedback_text_chars: int = option(
         2000, "longest comment or correction, in characters (about one long answer)"
     )
+    drain_timeout_s: float = option(
+        120.0,
+        "on SIGTERM, how long answers in flight may take to finish (a 512-token answer "
+        "under load takes about a minute here)",
+    )
+    stuck_after_s: float = option(
+        60.0, "health turns NOT_SERVING when the decode loop has not moved for this long"
+    )
     retention_days: float = option(
         0.0, "delete answers older than this many days, and their feedback (0 = keep all)"
     )

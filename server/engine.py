@@ -313,6 +313,7 @@ class Engine:
         self._batch = _Batch()
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
+        self.beat = time.monotonic()  # the decode loop's last sign of life (each iteration)
         metrics.SERVING_VERSION.set(0)
 
     # -- called from RPC threads -------------------------------------------------------
@@ -444,8 +445,18 @@ class Engine:
             for r in waiting:
                 r.events.put(gone)
 
+    def alive(self, stuck_after_s: float) -> tuple[bool, str]:
+        """Whether the decode loop runs and moves: (ok, why not)."""
+        if self._thread is None or not self._thread.is_alive():
+            return False, "the decode loop is not running"
+        quiet = time.monotonic() - self.beat
+        if quiet > stuck_after_s:
+            return False, f"the decode loop has not moved for {quiet:.0f} s"
+        return True, ""
+
     def _loop(self) -> None:
         while self._running.is_set():
+            self.beat = time.monotonic()
             self.install_staged()
             try:
                 self._iterate()

@@ -138,3 +138,6 @@ ROWS_DELETED = Counter(
 )
 for _reason in ("forget", "retention"):
     ROWS_DELETED.labels(_reason)
+DECODE_LOOP_UP = Gauge(
+    "kaizen_decode_loop_up", "1 while the decode loop runs and moves (health SERVING), else 0"
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 import urllib.request
 
 import grpc
@@ -344,3 +345,77 @@ def test_the_latencies_users_feel_are_exported(server, stubs):
     assert count("kaizen_request_generation_tokens_sum") == before["generated"] + 5
     assert count("kaizen_build_info", {"version": "0.1.0"}) == 1
     assert count("kaizen_requests_running") in (0, 1)
+
+
+def health_status(channel, service: str = "") -> int:
+    return (
+        health_pb2_grpc.HealthStub(channel)
+        .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        .status
+    )
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_turns_not_serving_when_the_decode_loop_dies_or_sticks(
+    serve_config, api_key, monkeypatch
+):
+    import dataclasses
+    import threading
+
+    from server.app import start
+    from tests.conftest import wait_until
+
+    running = start(dataclasses.replace(serve_config, stuck_after_s=0.5))
+    watch, engine = running.health, running.engine
+    try:
+        with connect(f"127.0.0.1:{running.port}", api_key) as channel:
+            assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+            stuck, release = threading.Event(), threading.Event()
+            iterate = engine._iterate
+
+            def hang() -> None:  # one iteration that never ends, until released
+                stuck.set()
+                release.wait()
+                iterate()
+
+            monkeypatch.setattr(engine, "_iterate", hang)
+            assert stuck.wait(10)
+            wait_until(lambda: not watch.check(), timeout_s=10, what="NOT_SERVING when stuck")
+            for service in ("", "kaizen.v1.ChatService"):
+                status = health_status(channel, service)
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            monkeypatch.setattr(engine, "_iterate", iterate)
+            release.set()
+            wait_until(lambda: watch.check(), timeout_s=10, what="SERVING again")
+            assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+            def die() -> None:
+                raise SystemExit  # not an Exception: the decode loop's thread ends
+
+            monkeypatch.setattr(engine, "_iterate", die)
+            wait_until(lambda: not watch.check(), timeout_s=10, what="NOT_SERVING when dead")
+            assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert REGISTRY.get_sample_value("kaizen_decode_loop_up") == 0
+    finally:
+        running.stop(grace_s=1)
+
+
+def test_stopping_drains_answers_in_flight_and_refuses_new_calls(serve_config, api_key):
+    import threading
+
+    from server.app import start
+
+    running = start(serve_config)
+    with connect(f"127.0.0.1:{running.port}", api_key) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        in_flight = stub.Generate.future(long_request())
+        time.sleep(0.2)  # it is decoding
+        stopper = threading.Thread(target=running.stop, kwargs={"grace_s": 60})
+        stopper.start()
+        time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(ask(max_new_tokens=2), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        reply = in_flight.result(timeout=60)  # finished, not cut off
+        assert reply.completion_tokens == 64
+        stopper.join(60)
