@@ -150,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.set_defaults(func=_buffer_forget)
 
-    from kaizen import auth, simulate
+    from kaizen import admin, auth, simulate
 
     simulate.add_parser(commands)
     auth.add_parser(commands)
+    admin.add_parser(commands)
 
     for ep in sorted(entry_points(group="kaizen.commands"), key=lambda e: e.name):
         ep.load()(commands)
