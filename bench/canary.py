@@ -170,11 +170,12 @@ def simulate(
         per_user.total[rows, arm] += new_m - old_m
         per_user.squares[rows, arm] += new_m**2 - old_m**2
 
+        stats = {"answer": answers.stats(), "user": per_user.stats()}  # once per step
         for test in TESTS:
             live = open_[test]
             if not live.any():
                 continue
-            n, mean, var = (per_user if test == "msprt_user" else answers).stats()
+            n, mean, var = stats["user" if test == "msprt_user" else "answer"]
             if test == "z_peek":
                 low, high = z_bounds(n, mean, var, alpha)
             else:

@@ -181,12 +181,9 @@ class Authenticator:
         self.jwt_secret = jwt_secret
         self.reload_s = reload_s
         self._lock = threading.Lock()
-        self._keys = KeyFile(keys_path) if keys_path else None
-        self._stamp: tuple[int, int] | None = None
+        self._keys = KeyFile.load(keys_path) if keys_path is not None else None
+        self._stamp = self._stat() if keys_path is not None else None
         self._checked = 0.0
-        if keys_path is not None:
-            self._keys = KeyFile.load(keys_path)
-            self._stamp = self._stat()
 
     def _stat(self) -> tuple[int, int] | None:
         try:

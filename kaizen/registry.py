@@ -175,6 +175,13 @@ class Registry:
                 return version
         return BASE_VERSION
 
+    def rollout_stamp(self) -> int:
+        """Changes whenever a rollout record is written (the folder's mtime, ns; 0: none)."""
+        try:
+            return (self.root / ROLLOUT_DIR).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
     def decisions(self) -> dict[str, dict[str, object]]:
         """Every rollout record, by version."""
         folder = self.root / ROLLOUT_DIR

@@ -193,6 +193,7 @@ class Learner:
         self._anchor: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._anchor_turn = 0
         self._published = self._snapshot()  # what a tripped guard goes back to
+        self._rollout_stamp: int | None = None  # the rollout records last looked at
         # the gate's slice: (answer, reward) of held-out events, newest last; not persisted
         self.heldout: collections.deque[tuple[Answer, float]] = collections.deque(
             maxlen=config.gate_window
@@ -735,6 +736,13 @@ class Learner:
         metrics.VERSION.set(version_number(version))
 
     def follow_servers(self) -> None:
+        """Rebase when servers decided something that calls for it; the decisions are read
+        again only when the registry's rollout records changed (a rename changes the
+        folder's mtime), not on every turn of the loop."""
+        stamp = self.registry.rollout_stamp()
+        if stamp == self._rollout_stamp:
+            return
+        self._rollout_stamp = stamp
         if (target := self.rebase_target()) is not None:
             self.rebase(*target)
 

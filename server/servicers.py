@@ -265,17 +265,22 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
             accepted=result.accepted, duplicates=result.duplicates, superseded=result.superseded
         )
 
-    def _owned(self, event: Feedback, principal: Principal, where: str = "") -> Feedback:
-        """`event` as the answer's own user's, recording who sent it. Feedback belongs to
-        the user the answer was generated for: a user token only on its own answers, a
-        service key on any answer, but never in another user's name."""
-        answer = self.buffer.generation(event.response_id)
+    def _owner(self, response_id: str, user_id: str, principal: Principal, where: str = "") -> str:
+        """The user whose feedback on `response_id` this is. Feedback belongs to the user
+        the answer was generated for: a user token only on its own answers, a service key
+        on any answer, but never in another user's name."""
+        answer = self.buffer.generation(response_id)
         if answer is None:
-            raise NotFound(f"{where}response_id: no answer {event.response_id!r} is logged")
-        user = acting_user(principal, event.user_id, f"{where}user_id") or answer.user_id
+            raise NotFound(f"{where}response_id: no answer {response_id!r} is logged")
+        user = acting_user(principal, user_id, f"{where}user_id") or answer.user_id
         if user != answer.user_id:
             refuse("other_user")
             raise PermissionDenied(f"{where}response_id: the answer was generated for another user")
+        return user
+
+    def _owned(self, event: Feedback, principal: Principal, where: str = "") -> Feedback:
+        """`event` in its owner's name, recording who sent it."""
+        user = self._owner(event.response_id, event.user_id, principal, where)
         return dataclasses.replace(event, user_id=user, source=principal.source)
 
     def SubmitFeedback(self, request, context):
@@ -310,8 +315,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         kinds = [k.value for k in FeedbackKind if k != FeedbackKind.NO_REACTION]
         if request.kind and request.kind not in kinds:
             raise InvalidArgument("kind", f"{request.kind!r} is not one of {', '.join(kinds)}")
-        probe = Feedback("withdraw", request.response_id, request.user_id, FeedbackKind.THUMB)
-        user = self._owned(probe, context.principal).user_id
+        user = self._owner(request.response_id, request.user_id, context.principal)
         self.limiter.feedback(context.principal, {user: 1})
         n = self.buffer.withdraw(request.response_id, user, request.kind)
         metrics.FEEDBACK.labels(request.kind or "all", "withdrawn").inc(n)
