@@ -24,6 +24,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,17 +290,20 @@ def parse_ttl(text: str) -> float:
         raise ValueError(f"--ttl: {text!r} is not a duration like 90s, 15m, 1h or 7d") from None
 
 
-def read_secret(path: Path | None, env: str) -> bytes | None:
-    """A secret from a file (trailing newline dropped) or else from the environment."""
+def read_secret(
+    path: Path | None, env: str, flag: str, environ: Mapping[str, str] = os.environ
+) -> bytes | None:
+    """A secret from the file `flag` names (surrounding whitespace dropped), else from the
+    environment variable `env`, else None. Never from argv."""
     if path is not None:
         try:
             data = Path(path).read_bytes().strip()
         except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+            raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
         if not data:
-            raise ValueError(f"secret file {path} is empty")
+            raise ValueError(f"{flag}: {path} is empty")
         return data
-    value = os.environ.get(env, "").strip()
+    value = environ.get(env, "").strip()
     return value.encode() if value else None
 
 
@@ -348,7 +352,7 @@ def _key_revoke(args) -> int:
 
 
 def _token(args) -> int:
-    secret = read_secret(args.secret_file, "KAIZEN_JWT_SECRET")
+    secret = read_secret(args.secret_file, "KAIZEN_JWT_SECRET", "--secret-file")
     if secret is None:
         raise ValueError("--secret-file: required (or the environment variable KAIZEN_JWT_SECRET)")
     print(issue_token(secret, args.user, parse_scopes(args.scopes), parse_ttl(args.ttl)))

@@ -8,9 +8,12 @@ insecure channel.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
+
+from kaizen.auth import read_secret
 
 CREDENTIAL_ENV = "KAIZEN_API_KEY"  # what the CLI's clients read when no --key-file is given
 
@@ -62,14 +65,7 @@ def connect(
     return grpc.secure_channel(target, tls)
 
 
-def read_credential(key_file: Path | None, environ: dict[str, str]) -> str | None:
-    """The credential from a file, else from $KAIZEN_API_KEY, else None."""
-    if key_file is not None:
-        try:
-            text = Path(key_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"--key-file: cannot read {key_file}: {exc.strerror}") from None
-        if not text:
-            raise ValueError(f"--key-file: {key_file} is empty")
-        return text
-    return environ.get(CREDENTIAL_ENV, "").strip() or None
+def read_credential(key_file: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The credential from --key-file, else from $KAIZEN_API_KEY, else None."""
+    secret = read_secret(key_file, CREDENTIAL_ENV, "--key-file", environ)
+    return secret.decode() if secret is not None else None

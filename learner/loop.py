@@ -417,7 +417,7 @@ class Learner:
         wanted = set().union(*(sources(ex) for ex in batch)) if batch else set()
         if not wanted:
             return batch
-        present = self.buffer.present(sorted(wanted))
+        present = self.buffer.owners(sorted(wanted)).keys()
         kept = [ex for ex in batch if sources(ex) <= present]
         if len(kept) < len(batch):
             metrics.DROPPED_DELETED.inc(len(batch) - len(kept))
@@ -550,7 +550,7 @@ class Learner:
         from learner.replay import Scorer
 
         c = self.config
-        present = self.buffer.present([a.source for a, _ in self.heldout])
+        present = self.buffer.owners([a.source for a, _ in self.heldout])
         self.heldout = collections.deque(
             ((a, r) for a, r in self.heldout if a.source in present), maxlen=c.gate_window
         )

@@ -34,7 +34,7 @@ def _serve(cls, args) -> int:
 
     try:
         config = from_options(cls, args)
-        jwt_secret = read_secret(config.jwt_secret_file, JWT_SECRET_ENV)
+        jwt_secret = read_secret(config.jwt_secret_file, JWT_SECRET_ENV, "--jwt-secret-file")
     except ValueError as exc:  # a flag out of range: the message names it
         print(f"kaizen serve: {exc}", file=sys.stderr)
         return 2

@@ -265,27 +265,39 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
             accepted=result.accepted, duplicates=result.duplicates, superseded=result.superseded
         )
 
-    def _owner(self, response_id: str, user_id: str, principal: Principal, where: str = "") -> str:
-        """The user whose feedback on `response_id` this is. Feedback belongs to the user
-        the answer was generated for: a user token only on its own answers, a service key
-        on any answer, but never in another user's name."""
-        answer = self.buffer.generation(response_id)
-        if answer is None:
+    @staticmethod
+    def _owner(
+        owners: dict[str, str], response_id: str, user_id: str, principal: Principal, where=""
+    ) -> str:
+        """The user whose feedback on `response_id` this is (`owners`: the answers' users,
+        from the buffer). Feedback belongs to the user the answer was generated for: a
+        user token only on its own answers, a service key on any answer, but never in
+        another user's name."""
+        owner = owners.get(response_id)
+        if owner is None:
             raise NotFound(f"{where}response_id: no answer {response_id!r} is logged")
-        user = acting_user(principal, user_id, f"{where}user_id") or answer.user_id
-        if user != answer.user_id:
+        user = acting_user(principal, user_id, f"{where}user_id") or owner
+        if user != owner:
             refuse("other_user")
             raise PermissionDenied(f"{where}response_id: the answer was generated for another user")
         return user
 
-    def _owned(self, event: Feedback, principal: Principal, where: str = "") -> Feedback:
-        """`event` in its owner's name, recording who sent it."""
-        user = self._owner(event.response_id, event.user_id, principal, where)
-        return dataclasses.replace(event, user_id=user, source=principal.source)
+    def _owned(self, events: list[tuple[Feedback, str]], principal: Principal) -> list[Feedback]:
+        """Each (event, where) in its owner's name, recording who sent it: the answers'
+        users are looked up in one query for the whole call."""
+        owners = self.buffer.owners([ev.response_id for ev, _ in events])
+        return [
+            dataclasses.replace(
+                ev,
+                user_id=self._owner(owners, ev.response_id, ev.user_id, principal, where),
+                source=principal.source,
+            )
+            for ev, where in events
+        ]
 
     def SubmitFeedback(self, request, context):
         event = feedback_from_pb(request, self.max_text_chars)
-        return self._store([self._owned(event, context.principal)], context.principal)
+        return self._store(self._owned([(event, "")], context.principal), context.principal)
 
     def StreamFeedback(self, request_iterator, context):
         events, text_bytes = [], 0
@@ -304,10 +316,10 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
                     f"passed {self.max_stream_bytes} bytes at {where[:-1]} "
                     "(--max-feedback-stream-bytes); split it"
                 )
-            events.append(self._owned(event, context.principal, where))
+            events.append((event, where))
         if not events:
             return feedback_pb2.FeedbackAck()
-        return self._store(events, context.principal)
+        return self._store(self._owned(events, context.principal), context.principal)
 
     def WithdrawFeedback(self, request, context):
         check_id("response_id", request.response_id, required=True)
@@ -315,7 +327,8 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         kinds = [k.value for k in FeedbackKind if k != FeedbackKind.NO_REACTION]
         if request.kind and request.kind not in kinds:
             raise InvalidArgument("kind", f"{request.kind!r} is not one of {', '.join(kinds)}")
-        user = self._owner(request.response_id, request.user_id, context.principal)
+        owners = self.buffer.owners([request.response_id])
+        user = self._owner(owners, request.response_id, request.user_id, context.principal)
         self.limiter.feedback(context.principal, {user: 1})
         n = self.buffer.withdraw(request.response_id, user, request.kind)
         metrics.FEEDBACK.labels(request.kind or "all", "withdrawn").inc(n)

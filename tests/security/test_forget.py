@@ -110,12 +110,8 @@ def test_retention_deletes_answers_older_than_the_window_and_their_feedback(tmp_
 
 
 def test_a_user_forgotten_while_the_learner_holds_their_answers_never_enters_a_step(
-    server, stubs, serve_config, tiny_model
+    stubs, server_learner
 ):
-    from kaizen.buffer import SQLiteBuffer
-    from learner.config import LearnerConfig
-    from learner.loop import Learner
-
     for user in ("uma", "vic"):
         rid = stubs.chat.Generate(ask(user_id=user)).response_id
         stubs.feedback.SubmitFeedback(
@@ -123,24 +119,12 @@ def test_a_user_forgotten_while_the_learner_holds_their_answers_never_enters_a_s
                 event_id=f"t-{user}", response_id=rid, thumb=feedback_pb2.THUMB_UP
             )
         )
-    config = LearnerConfig(
-        model=tiny_model,
-        buffer=serve_config.buffer,
-        registry=serve_config.registry,
-        objective="reinforce",
-        batch_size=8,
-        metrics_port=-1,
-        gate_holdout=0.0,
-    )
-    learner = Learner(config, buffer=SQLiteBuffer(server.buffer.path))
-    try:
-        learner.fill()
-        assert len(learner.pending) == 2  # both read before anyone asked to be forgotten
-        stubs.model.ForgetUser(model_pb2.ForgetUserRequest(user_id="uma"))
-        kept = learner.drop_deleted(learner.pending)
-        assert [ex.answer.source for ex in kept] == [
-            s.generation.response_id for s in learner.buffer.read_samples(0, 10)
-        ]  # vic's only
-        assert len(kept) == 1
-    finally:
-        learner.buffer.close()
+    learner = server_learner
+    learner.fill()
+    assert len(learner.pending) == 2  # both read before anyone asked to be forgotten
+    stubs.model.ForgetUser(model_pb2.ForgetUserRequest(user_id="uma"))
+    kept = learner.drop_deleted(learner.pending)
+    assert [ex.answer.source for ex in kept] == [
+        s.generation.response_id for s in learner.buffer.read_samples(0, 10)
+    ]  # vic's only
+    assert len(kept) == 1

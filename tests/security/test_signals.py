@@ -7,10 +7,7 @@ import dataclasses
 import grpc
 import pytest
 
-from kaizen.buffer import SQLiteBuffer
 from kaizen.v1 import feedback_pb2
-from learner.config import LearnerConfig
-from learner.loop import Learner
 from tests.conftest import ask
 
 
@@ -39,9 +36,7 @@ def test_kinds_are_separate_signals(server, stubs):
     assert kinds == ["copy", "thumb"]
 
 
-def test_a_withdrawn_thumb_is_not_in_the_learners_next_batch(
-    server, stubs, serve_config, tiny_model
-):
+def test_a_withdrawn_thumb_is_not_in_the_learners_next_batch(server, stubs, server_learner):
     kept = stubs.chat.Generate(ask(user_id="ann", seed=1)).response_id
     taken = stubs.chat.Generate(ask(user_id="ann", seed=2)).response_id
     stubs.feedback.SubmitFeedback(thumb("k", kept, up=True))
@@ -54,21 +49,8 @@ def test_a_withdrawn_thumb_is_not_in_the_learners_next_batch(
         stubs.feedback.WithdrawFeedback(feedback_pb2.WithdrawRequest(response_id=taken)).withdrawn
         == 0
     )  # idempotent: nothing left to take back
-    config = LearnerConfig(
-        model=tiny_model,
-        buffer=serve_config.buffer,
-        registry=serve_config.registry,
-        objective="reinforce",
-        batch_size=8,
-        metrics_port=-1,
-        gate_holdout=0.0,
-    )
-    learner = Learner(config, buffer=SQLiteBuffer(server.buffer.path))
-    try:
-        learner.fill()
-        assert [ex.reward for ex in learner.pending] == [1.0]  # "w" is gone
-    finally:
-        learner.buffer.close()
+    server_learner.fill()
+    assert [ex.reward for ex in server_learner.pending] == [1.0]  # "w" is gone
     with pytest.raises(grpc.RpcError) as err:
         stubs.feedback.WithdrawFeedback(
             feedback_pb2.WithdrawRequest(response_id=kept, kind="smile")

@@ -115,21 +115,13 @@ def test_tls_refuses_plaintext_and_mtls_refuses_a_client_without_a_certificate(
         with connect(target, api_key, root_ca=ca) as anonymous_client:
             expected = grpc.StatusCode.UNAVAILABLE if mutual else grpc.StatusCode.OK
             assert generate(anonymous_client) == expected
-        with connect(
-            target,
-            api_key,
-            root_ca=ca,
-            client_cert=pki["client_cert"].read_bytes(),
-            client_key=pki["client_key"].read_bytes(),
-        ) as with_certificate:
+        certificate = {
+            "client_cert": pki["client_cert"].read_bytes(),
+            "client_key": pki["client_key"].read_bytes(),
+        }
+        with connect(target, api_key, root_ca=ca, **certificate) as with_certificate:
             assert generate(with_certificate) == grpc.StatusCode.OK
-        with connect(
-            target,
-            None,
-            root_ca=ca,
-            client_cert=pki["client_cert"].read_bytes(),
-            client_key=pki["client_key"].read_bytes(),
-        ) as no_key:
+        with connect(target, None, root_ca=ca, **certificate) as no_key:
             # TLS says who connects, not who may chat: the API key is still needed
             assert generate(no_key) == grpc.StatusCode.UNAUTHENTICATED
     finally:
