@@ -16,27 +16,37 @@ Reward shapes (serving arm; the canary's mean is the serving mean + Δ):
 - `heavy`: thumbs from users with Zipf(1.1) activity, each with a taste of their own
   (sd 0.3 on the mean), so a heavy user's answers are not independent.
 
-Tests, all run on the same event streams:
-- `msprt_answer`: the server's mSPRT (`server.canary.msprt_interval`), one observation
-  per answer (the shipped default, --canary-unit answer);
-- `msprt_user`: the same with each user's mean reward as the observation;
+Time: events arrive at `rate` a second in all, so the server's clocks (a user's settle
+time, the ramp, the window) become event counts.
+
+Tests:
+- `cs_user`: the server's default (`--canary-unit user`): one observation per user per
+  arm (the mean of their first `user_answers` rewards, or of those within
+  `user_settle_s`), the betting confidence sequence per arm (`server.canary.BettingCS`,
+  the same code), the share ramping from `share` to `max_share`. Its own pass: the ramp
+  changes who is routed where.
+- `msprt_answer`: the earlier default, the mSPRT (`server.canary.msprt_interval`) with
+  one observation per answer (--canary-unit answer), at the fixed `share`;
+- `msprt_user`: the same with each user's running mean reward as the observation;
 - `z_peek`: a fixed-horizon z interval at 1 − α, looked at after every event (the classic
   mistake the always-valid tests exist to avoid).
+The last three run on the same event streams.
 
-`tests/test_bench_canary.py` checks that this vectorised mSPRT decides exactly as
-`server.canary.Experiment` does on the same events.
+`tests/test_bench_canary.py` checks that the vectorised mSPRT and the cs_user pass decide
+as `server.canary.Experiment` does on the same events.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 SHAPES = ("thumbs", "mix", "heavy")
-TESTS = ("msprt_answer", "msprt_user", "z_peek")
+TESTS = ("cs_user", "msprt_answer", "msprt_user", "z_peek")
+BASELINES = TESTS[1:]
 MIN_VARIANCE = 0.01  # server.canary.msprt_interval's floor
 MIX_VALUES = np.array([-1.0, 0.0, 0.1, 0.3, 0.5, 1.0])
 MIX_PROBS = np.array([0.06, 0.30, 0.22, 0.25, 0.12, 0.05])  # mean 0.147
@@ -113,45 +123,47 @@ def z_bounds(n, mean, var, alpha: float):
     return np.where(ok, diff - half, -np.inf), np.where(ok, diff + half, np.inf)
 
 
+def _population(rng: np.random.Generator, scenario: Scenario, runs: int, users: int):
+    """Who sends the next event (the activity CDF), each user's taste, and the arms' mean
+    rewards (canary, serving)."""
+    if scenario.shape == "heavy":
+        weights = 1.0 / np.arange(1, users + 1) ** ZIPF_S
+        taste = rng.normal(0.0, TASTE_SD, (runs, users))
+    else:
+        weights = np.ones(users)
+        taste = np.zeros((runs, users))
+    cdf = np.cumsum(weights / weights.sum())
+    base = MIX_PROBS @ MIX_VALUES if scenario.shape == "mix" else THUMB_MEAN
+    return cdf, taste, base, np.array([base + scenario.delta, base])
+
+
+def _steps(policy, rate: float, share: float) -> int:
+    """Events in all until the window closes: its time, or max_feedback canary events at
+    three times the expected count."""
+    return int(min(policy.window_s * rate, policy.max_feedback / max(share, 1e-3) * 3))
+
+
 def simulate(
-    scenario: Scenario,
-    runs: int,
-    users: int,
-    share: float,
-    alpha: float,
-    margin: float,
-    tau: float,
-    min_feedback: int,
-    max_feedback: int,
-    seed: int,
+    scenario: Scenario, runs: int, users: int, policy, rate: float, seed: int
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Every test's decision (+1 promote, −1 rollback, 0 window end) and the canary events
-    it had seen then, per run."""
+    """The baselines' decisions (+1 promote, −1 rollback, 0 window end) and the canary
+    events each had seen then, per run, at the fixed `policy.share`."""
     rng = np.random.default_rng(seed)
     R, U = runs, users
     rows = np.arange(R)
+    share, alpha, margin, tau = policy.share, policy.alpha, policy.margin, policy.tau
+    min_feedback, max_feedback = policy.min_feedback, policy.max_feedback
     in_canary = rng.random((R, U)) < share  # (R, U) fixed routing
-    heavy = scenario.shape == "heavy"
-    if heavy:
-        weights = 1.0 / np.arange(1, U + 1) ** ZIPF_S
-        taste = rng.normal(0.0, TASTE_SD, (R, U))
-    else:
-        weights = np.ones(U)
-        taste = np.zeros((R, U))
-    cdf = np.cumsum(weights / weights.sum())
-    base = MIX_PROBS @ MIX_VALUES if scenario.shape == "mix" else THUMB_MEAN
-    arm_mean = np.array([base + scenario.delta, base])  # canary, serving
+    cdf, taste, base, arm_mean = _population(rng, scenario, R, U)
 
     answers, per_user = _Arms(R), _Arms(R)
     user_sum = np.zeros((R, U))
     user_cnt = np.zeros((R, U))
     canary_events = np.zeros(R)
-    decision = {t: np.zeros(R, dtype=int) for t in TESTS}
-    at = {t: np.zeros(R) for t in TESTS}
-    open_ = {t: np.ones(R, dtype=bool) for t in TESTS}
-    # enough steps for max_feedback canary events at the expected canary share
-    steps = int(max_feedback / max(share, 1e-3) * 3)
-    for _ in range(steps):
+    decision = {t: np.zeros(R, dtype=int) for t in BASELINES}
+    at = {t: np.zeros(R) for t in BASELINES}
+    open_ = {t: np.ones(R, dtype=bool) for t in BASELINES}
+    for _ in range(_steps(policy, rate, share)):
         if not any(o.any() for o in open_.values()):
             break
         u = np.minimum(np.searchsorted(cdf, rng.random(R)), U - 1)
@@ -171,7 +183,7 @@ def simulate(
         per_user.squares[rows, arm] += new_m**2 - old_m**2
 
         stats = {"answer": answers.stats(), "user": per_user.stats()}  # once per step
-        for test in TESTS:
+        for test in BASELINES:
             live = open_[test]
             if not live.any():
                 continue
@@ -188,9 +200,92 @@ def simulate(
                 decision[test][mask] = value
                 at[test][mask] = canary_events[mask]
                 live &= ~mask
-    for test in TESTS:  # still open when the steps ran out: the window's rollback
+    for test in BASELINES:  # still open when the steps ran out: the window's rollback
         at[test][open_[test]] = canary_events[open_[test]]
-    return {t: {"decision": decision[t], "canary_events": at[t]} for t in TESTS}
+    return {t: {"decision": decision[t], "canary_events": at[t]} for t in BASELINES}
+
+
+def simulate_cs(
+    scenario: Scenario, runs: int, users: int, policy, rate: float, seed: int
+) -> dict[str, np.ndarray]:
+    """The server's test (`policy.unit` user): its decisions and canary events then."""
+    from server.canary import BettingCS
+
+    rng = np.random.default_rng(seed)
+    R, U = runs, users
+    rows = np.arange(R)
+    hashed = rng.random((R, U))  # the keyed hash: in the canary while below the share
+    cdf, taste, base, arm_mean = _population(rng, scenario, R, U)
+    share = np.full(R, policy.share)
+    ramped_at = np.zeros(R)
+    settle = max(1, int(policy.user_settle_s * rate))  # a user's settle time, in events
+    ramp_every = policy.ramp_every_s * rate
+    count = np.zeros((R, U, 2), dtype=np.int32)  # a user's rewards on each arm so far
+    total = np.zeros((R, U, 2))
+    final = np.zeros((R, U, 2), dtype=bool)
+    first_of = np.full((R, settle), -1)  # ring: user*2 + arm whose first reward came then
+    cs = [BettingCS(policy.alpha, runs=R), BettingCS(policy.alpha, runs=R)]
+    finals = np.zeros((R, 2))  # Σ final observations per arm
+    canary_events = np.zeros(R)
+    decision, at = np.zeros(R, dtype=int), np.zeros(R)
+    live = np.ones(R, dtype=bool)
+
+    def finalise(r: np.ndarray, u: np.ndarray, a: np.ndarray) -> None:
+        y = total[r, u, a] / count[r, u, a]
+        final[r, u, a] = True
+        finals[r, a] += y
+        for arm in (0, 1):
+            mine = a == arm
+            if mine.any():
+                cs[arm].add(y[mine], r[mine])
+
+    for step in range(_steps(policy, rate, policy.share)):
+        if not live.any():
+            break
+        slot = step % settle  # users whose first reward is `settle` events old
+        due = first_of[:, slot]
+        r = np.flatnonzero(due >= 0)
+        u, a = due[r] // 2, due[r] % 2
+        keep = ~final[r, u, a]
+        finalise(r[keep], u[keep], a[keep])
+        first_of[:, slot] = -1
+
+        u = np.minimum(np.searchsorted(cdf, rng.random(R)), U - 1)
+        arm = np.where(hashed[rows, u] < share, 0, 1)
+        reward = _draw_rewards(rng, scenario.shape, arm_mean[arm] + taste[rows, u], base)
+        canary_events += (arm == 0) & live
+        fresh = ~final[rows, u, arm]
+        count[rows, u, arm] += fresh
+        total[rows, u, arm] += np.where(fresh, reward, 0.0)
+        first_of[fresh & (count[rows, u, arm] == 1), slot] = (u * 2 + arm)[
+            fresh & (count[rows, u, arm] == 1)
+        ]
+        full = np.flatnonzero(fresh & (count[rows, u, arm] >= policy.user_answers))
+        finalise(full, u[full], arm[full])
+
+        n = np.stack([cs[0].n, cs[1].n], axis=1)
+        (c_low, c_high), (s_low, s_high) = cs[0].bounds(), cs[1].bounds()
+        low, high = c_low - s_high, c_high - s_low
+        enough = n.min(axis=1) >= policy.min_feedback
+        rollback = live & enough & (high < 0)
+        promote = live & enough & ~rollback & (low > -policy.margin)
+        window = live & ~rollback & ~promote & (canary_events >= policy.max_feedback)
+        for mask, value in ((promote, 1), (rollback, -1), (window, 0)):
+            decision[mask] = value
+            at[mask] = canary_events[mask]
+            live &= ~mask
+        diff = finals[:, 0] / np.maximum(n[:, 0], 1) - finals[:, 1] / np.maximum(n[:, 1], 1)
+        ramp = (
+            live
+            & (share < policy.max_share)
+            & (step - ramped_at >= ramp_every)
+            & (n.min(axis=1) >= 1)
+            & (diff >= -policy.margin)
+        )
+        share[ramp] = np.minimum(policy.max_share, 2 * share[ramp])
+        ramped_at[ramp] = step
+    at[live] = canary_events[live]  # the window's time ran out
+    return {"decision": decision, "canary_events": at, "share": share}
 
 
 def summarise(scenario: Scenario, outcome: dict[str, np.ndarray], margin: float) -> dict:
@@ -226,23 +321,17 @@ def run(config) -> dict[str, object]:
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise ValueError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    policy = config.policy()
     started = time.monotonic()
     results = []
     for i, shape in enumerate(shapes):
         for j, delta in enumerate(deltas):
             scenario = Scenario(shape, delta)
             say(f"{shape} Δ={delta:+.3f}: {config.runs} canaries")
-            outcomes = simulate(
-                scenario,
-                runs=config.runs,
-                users=config.users,
-                share=config.share,
-                alpha=config.alpha,
-                margin=margin,
-                tau=config.tau,
-                min_feedback=config.min_feedback,
-                max_feedback=config.max_feedback,
-                seed=config.seed + 1000 * i + j,
+            seed = config.seed + 1000 * i + j
+            outcomes = simulate(scenario, config.runs, config.users, policy, config.rate, seed)
+            outcomes["cs_user"] = simulate_cs(
+                scenario, config.runs, config.users, policy, config.rate, seed
             )
             results.append(
                 {
@@ -258,12 +347,8 @@ def run(config) -> dict[str, object]:
     return {
         "runs_per_scenario": config.runs,
         "users": config.users,
-        "share": config.share,
-        "alpha": config.alpha,
-        "margin": margin,
-        "tau": config.tau,
-        "min_feedback": config.min_feedback,
-        "max_feedback": config.max_feedback,
+        "rate_events_per_s": config.rate,
+        "policy": {k: v for k, v in asdict(policy).items()},
         "tests": list(TESTS),
         "worst_false_promotion": worst,
         "scenarios": results,

@@ -86,12 +86,18 @@ class JudgeBench:
 class CanaryBench:
     runs: int = option(1000, "simulated canaries per scenario (shape × true Δ)")
     users: int = option(1000, "users per run; about --share of them are in the canary")
-    share: float = option(0.1, "canary share of users (the server's --canary-share default)")
+    rate: float = option(0.5, "feedback events a second in all (the server's clocks → events)")
+    share: float = option(0.1, "canary share of users at first (--canary-share)")
+    max_share: float = option(0.5, "the ramp's largest share (--canary-max-share)")
+    ramp_every_s: float = option(300.0, "seconds between ramp steps (--canary-ramp-every-s)")
     alpha: float = option(0.05, "the tests' stated false-promotion rate")
     margin: float = option(0.02, "promote when not worse by more than this (--canary-margin)")
+    user_answers: int = option(5, "rated answers in a user's observation (--canary-user-answers)")
+    user_settle_s: float = option(600.0, "…or those within this long (--canary-user-settle-s)")
     tau: float = option(0.2, "the mSPRT's mixing scale")
-    min_feedback: int = option(30, "units per arm before any decision (--canary-min-feedback)")
-    max_feedback: int = option(2000, "canary events after which it is rolled back undecided")
+    min_feedback: int = option(10, "units per arm before any decision (--canary-min-feedback)")
+    max_feedback: int = option(4000, "canary events after which it is rolled back undecided")
+    window_s: float = option(7200.0, "seconds after which it is rolled back (--canary-window-s)")
     shapes: str = option("thumbs,mix,heavy", "reward shapes: thumbs, mix, heavy")
     deltas: str = option(
         "",
@@ -104,3 +110,23 @@ class CanaryBench:
         _check_positive(self)
         if not 0 < self.share < 1 or not 0 < self.alpha < 1:
             raise ValueError("--share and --alpha: must be in (0, 1)")
+        if not self.share <= self.max_share < 1:
+            raise ValueError(f"--max-share: must be in [--share, 1), got {self.max_share}")
+
+    def policy(self):
+        """The server's canary policy these flags describe."""
+        from server.canary import CanaryPolicy
+
+        return CanaryPolicy(
+            share=self.share,
+            max_share=self.max_share,
+            ramp_every_s=self.ramp_every_s,
+            alpha=self.alpha,
+            margin=self.margin,
+            user_answers=self.user_answers,
+            user_settle_s=self.user_settle_s,
+            tau=self.tau,
+            min_feedback=self.min_feedback,
+            max_feedback=self.max_feedback,
+            window_s=self.window_s,
+        )

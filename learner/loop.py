@@ -688,11 +688,20 @@ class Learner:
 
     def rebase_target(self) -> tuple[str, str] | None:
         """(version, why) when the learner should continue from the version servers serve
-        instead of its own: its last version was rolled back (by the canary's test or an
-        operator), or an operator promoted another version after it was published."""
+        instead of its own: its last version was rolled back (the canary's test found it
+        worse, or an operator), or an operator promoted another version after it was
+        published. A canary rolled back only because its window ended undecided is not
+        shown worse: the learner goes on from it, so what it learned is not thrown away at
+        a traffic too small to show it within one window; its next version is canaried
+        against the serving one again, the test catches it if it is worse."""
         if self.version != BASE_VERSION:
             record = self.registry.rollout(self.version)
-            if record is not None and record["state"] == ROLLED_BACK:
+            undecided = (
+                record is not None
+                and record.get("by") == "test"
+                and record.get("evidence", {}).get("outcome") == "undecided"
+            )
+            if record is not None and record["state"] == ROLLED_BACK and not undecided:
                 serving = self.registry.serving()
                 return serving, f"{self.version} was rolled back ({record['reason']})"
         published = (

@@ -1,32 +1,48 @@
-"""Canary rollout: a new version serves a sticky share of users until a sequential test
-says to promote it or roll it back.
+"""Canary rollout: a new version serves a sticky share of users until an anytime-valid
+test says to promote it or roll it back.
 
 Routing: a user is in the canary when the keyed hash of their id (`kaizen.bucket`, a
-secret in the registry) falls under the configured share, so nobody can choose an id
-that lands in the canary, and the same users see the canary for its whole life, and a
-second canary takes the same users. The rest stay on the serving version, in the same
-batches (mixed-adapter rows).
+secret in the registry) falls under the experiment's current share, so nobody can
+choose an id that lands in the canary, the same users see the canary for its whole life,
+and a larger share keeps everyone already inside. The rest stay on the serving version,
+in the same batches (mixed-adapter rows).
 
-Evidence: every feedback event on an answer either version gave since the experiment
-started is turned into a reward (the shipped reward file; comments, which need a judge,
-count for nothing here). The events are averaged per unit, by default the answer (a
-thumb, a copy and a dwell on one answer are one observation, not three independent
-ones), or the user, the unit the routing randomises; each version's running mean and
-variance are over those unit means.
+The unit is the user (`--canary-unit user`, the default), the unit the routing
+randomises. A user's answers are not independent (one user's taste colours all of
+them; a heavy user would otherwise count as hundreds of independent observations), so
+each user gives each arm one observation: the mean reward of their first
+`user_answers` answers with feedback on that arm's version (events on one answer are
+averaged first). It is final at their `user_answers`-th such answer or `user_settle_s`
+after their first, whichever comes first: a rule that does not look at the rewards, so
+final observations are independent draws from the arm's population of users.
 
-Decision: an always-valid confidence sequence for the difference of the means,
-Δ = mean(canary) − mean(serving), from the normal mixture sequential probability ratio
-test (mSPRT: Johari, Pekelis and Walsh, "Always valid inference", 2017). Its interval
-covers the true Δ at every look at once with probability ≥ 1 − α, so one may look after
-every event and stop the first time it is decisive:
+Decision: for each arm, a confidence sequence for its mean user reward, valid at every
+look at once for any distribution on the reward range [−1, 1] without a variance guess:
+the hedged betting CS of Waudby-Smith and Ramdas ("Estimating means of bounded random
+variables by betting", JRSS-B 2024; the hedged capital process with predictable plug-in
+bets, as in the authors' `confseq` package), each arm at level α (α/2 a side). Then
+Δ = mean(canary) − mean(serving) lies above low = L(canary) − U(serving) at every look
+with probability ≥ 1 − α (each of the two bounds fails with probability ≤ α/2), and
+below high = U(canary) − L(serving) likewise. The arms need not be independent of each
+other (a user moved into the canary by the ramp gives each arm an observation).
 
-- roll back as soon as the whole interval is below 0 (the canary is worse);
-- promote as soon as the whole interval is above −margin (it is not worse by more than
-  the margin): a canary worse than that is promoted with probability ≤ α, the stated
-  false-promotion rate (under the normal approximation and independent units, which is
-  why each arm needs `min_feedback` units before any decision);
-- roll back when the window (time or feedback count) ends first: not shown to be good
-  enough is not good enough.
+- roll back as soon as high < 0 (the canary is worse);
+- promote as soon as low > −margin: a canary worse than that is promoted with
+  probability ≤ α, the stated false-promotion rate, at any traffic, reward shape or mix
+  of heavy and light users;
+- both only once each arm has `min_feedback` users, a floor against deciding on a
+  handful of people, not a condition of validity;
+- roll back when the window (time or canary feedback events) ends first: not shown to
+  be good enough is not good enough.
+
+Ramp: the share starts at `share` and doubles every `ramp_every_s` up to `max_share`
+while the canary's estimate is not worse than −margin, so a small deployment gets
+enough users into the canary to decide within the window; a bad version is caught on
+the smaller share first. The README's "How kaizen decides" measures both sides.
+
+`--canary-unit answer` and `event` keep the earlier normal-mixture SPRT (mSPRT: Johari,
+Pekelis and Walsh, 2017) on answers or events; it assumes independent observations,
+which users who come back break (`kaizen bench canary` measures by how much).
 """
 
 from __future__ import annotations
@@ -35,6 +51,76 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
+
+GRID = 400  # candidate means per arm: a bound's resolution is 2 / GRID = 0.005 reward
+BET_CAP = 0.5  # c: a bet risks at most half the capital (λ⁺ ≤ c/m, λ⁻ ≤ c/(1 − m))
+
+
+class BettingCS:
+    """Anytime-valid confidence sequences for the means of `runs` independent streams of
+    observations in [lo, hi], all updated at once (the server keeps one per arm;
+    `kaizen bench canary` thousands).
+
+    For every candidate mean m on a grid of [0, 1] (observations rescaled), two gamblers
+    bet that the mean is above m and below it, with capitals
+    K⁺(m) = Π (1 + λ⁺ᵢ(m)(xᵢ − m)) and K⁻(m) = Π (1 − λ⁻ᵢ(m)(xᵢ − m)). Under mean m each is
+    a nonnegative martingale, so by Ville's inequality it ever reaches 2/α with
+    probability ≤ α/2: the m where neither has is a (1 − α) confidence sequence, valid at
+    every n at once, whatever the distribution on [lo, hi]. A rejected m stays rejected
+    (the running intersection, also valid). The bets are predictable plug-ins,
+    λᵢ = sqrt(2 log(2/α) / (σ̂²ᵢ₋₁ i log(1 + i))) capped at c/m and c/(1 − m): larger while
+    the observations vary little, so a low-variance arm is pinned down by few users.
+    """
+
+    def __init__(self, alpha: float, lo: float = -1.0, hi: float = 1.0, runs: int = 1) -> None:
+        self.alpha, self.lo, self.hi = alpha, lo, hi
+        self.m = np.linspace(0.0, 1.0, GRID + 1)
+        with np.errstate(divide="ignore"):
+            self.cap_up = BET_CAP / self.m  # m = 0: +inf, no cap
+            self.cap_down = BET_CAP / (1.0 - self.m)
+        self.log_up = np.zeros((runs, GRID + 1))
+        self.log_down = np.zeros((runs, GRID + 1))
+        self.out = np.zeros((runs, GRID + 1), dtype=bool)  # rejected so far
+        self.n = np.zeros(runs, dtype=np.int64)
+        self.total = np.zeros(runs)
+        self.sq_dev = np.zeros(runs)
+        self.var = np.full(runs, 0.25)  # σ̂²: one prior observation of variance 1/4
+        self.threshold = math.log(2 / alpha)
+
+    def add(self, values, rows=None) -> None:
+        """One observation for each of `rows` (all streams when None)."""
+        rows = np.arange(len(self.n)) if rows is None else np.asarray(rows)
+        x = np.clip((np.asarray(values, dtype=float) - self.lo) / (self.hi - self.lo), 0, 1)
+        n = self.n[rows] + 1
+        bet = np.sqrt(2 * self.threshold / (self.var[rows] * n * np.log1p(n)))[:, None]
+        dev = x[:, None] - self.m[None, :]
+        up = self.log_up[rows] + np.log1p(np.minimum(bet, self.cap_up) * dev)
+        down = self.log_down[rows] + np.log1p(-np.minimum(bet, self.cap_down) * dev)
+        self.log_up[rows], self.log_down[rows] = up, down
+        self.out[rows] |= (up >= self.threshold) | (down >= self.threshold)
+        self.n[rows] = n
+        self.total[rows] += x
+        mean = (0.5 + self.total[rows]) / (n + 1)
+        self.sq_dev[rows] += (x - mean) ** 2
+        self.var[rows] = (0.25 + self.sq_dev[rows]) / (n + 1)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) per stream, in the observations' units. Each bound is the grid point
+        beyond the last candidate still inside, so never tighter than the CS itself; a
+        stream with no observation has [lo, hi], and one whose every candidate was
+        rejected (probability ≤ α) its running mean twice."""
+        inside = ~self.out
+        any_inside = inside.any(axis=1)
+        first = np.argmax(inside, axis=1)
+        last = GRID - np.argmax(inside[:, ::-1], axis=1)
+        low = self.m[np.maximum(first - 1, 0)]
+        high = self.m[np.minimum(last + 1, GRID)]
+        mean = np.where(self.n > 0, self.total / np.maximum(self.n, 1), 0.5)
+        low, high = np.where(any_inside, low, mean), np.where(any_inside, high, mean)
+        scale = self.hi - self.lo
+        return self.lo + scale * low, self.lo + scale * high
 
 
 @dataclass
@@ -107,16 +193,98 @@ def msprt_interval(
     return diff, diff - half, diff + half
 
 
+class UserArm:
+    """One version's evidence with the user as the unit: each user's first `user_answers`
+    answers with feedback on this version (events on one answer averaged), final at the
+    last of them or `user_settle_s` after the first, then one observation of the arm's
+    confidence sequence."""
+
+    def __init__(self, policy: CanaryPolicy) -> None:
+        self.policy = policy
+        self.cs = BettingCS(policy.alpha)
+        self.events = 0
+        self.pending: dict[str, tuple[float, dict[str, list[float]]]] = {}  # user -> …
+        self.final: set[str] = set()
+        self.total = 0.0  # Σ final observations
+        self.squares = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.final)
+
+    def add(self, reward: float, user: str, answer: str, now: float) -> None:
+        self.events += 1
+        if user in self.final:
+            return
+        first_at, answers = self.pending.setdefault(user, (now, {}))
+        if answer not in answers and len(answers) >= self.policy.user_answers:
+            return  # only its first answers count; the user is being finalised
+        answers.setdefault(answer, [0.0, 0])
+        answers[answer][0] += reward
+        answers[answer][1] += 1
+        if len(answers) >= self.policy.user_answers:
+            self._finalise(user)
+
+    def settle(self, now: float) -> None:
+        """Finalise every user whose first rated answer is `user_settle_s` old."""
+        due = [
+            u for u, (first, _) in self.pending.items() if now - first >= self.policy.user_settle_s
+        ]
+        for user in due:
+            self._finalise(user)
+
+    def _finalise(self, user: str) -> None:
+        _, answers = self.pending.pop(user)
+        y = sum(total / k for total, k in answers.values()) / len(answers)
+        self.cs.add([y])
+        self.final.add(user)
+        self.total += y
+        self.squares += y * y
+
+    def bounds(self) -> tuple[float, float]:
+        low, high = self.cs.bounds()
+        return float(low[0]), float(high[0])
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else 0.0
+
+    @property
+    def variance(self) -> float:
+        if self.n < 2:
+            return 0.0
+        return max(0.0, (self.squares - self.n * self.mean**2) / (self.n - 1))
+
+    def as_dict(self) -> dict[str, float]:
+        low, high = self.bounds()
+        return {
+            "n": self.n,
+            "pending_users": len(self.pending),
+            "events": self.events,
+            "mean": round(self.mean, 4),
+            "std": round(math.sqrt(self.variance), 4),
+            "low": round(low, 4),
+            "high": round(high, 4),
+        }
+
+
+UNITS = ("user", "answer", "event")
+
+
 @dataclass(frozen=True)
 class CanaryPolicy:
-    share: float = 0.1  # of users routed to the canary; 0 = publish straight to serving
+    share: float = 0.1  # of users routed to the canary at first; 0 = publish straight away
+    max_share: float = 0.5  # the ramp doubles the share up to this (= share: no ramp)
+    ramp_every_s: float = 300.0  # …every this long, while the canary does not look worse
     alpha: float = 0.05  # false-promotion rate
     margin: float = 0.02  # promote when not worse than serving by more than this
-    tau: float = 0.2  # mixing scale: the reward difference the test is tuned to find
-    unit: str = "answer"  # what one observation is: answer | user | event
-    min_feedback: int = 30  # units per arm with rewarded feedback before any decision
-    max_feedback: int = 2000  # canary events after which an undecided canary is rolled back
-    window_s: float = 3600.0  # …or after this long
+    unit: str = "user"  # what one observation is: user | answer | event
+    user_answers: int = 5  # a user's observation: their first this many rated answers…
+    user_settle_s: float = 600.0  # …or those rated within this long of their first
+    tau: float = 0.2  # unit answer/event: the mSPRT's mixing scale
+    min_feedback: int = 10  # units per arm with rewarded feedback before any decision
+    max_feedback: int = 4000  # canary events after which an undecided canary is rolled back
+    window_s: float = 7200.0  # …or after this long
 
 
 @dataclass
@@ -127,26 +295,47 @@ class Experiment:
     serving: str
     policy: CanaryPolicy
     started_at: float = field(default_factory=time.time)
-    arms: dict[str, Arm] = field(default_factory=dict)
+    arms: dict[str, Arm | UserArm] = field(default_factory=dict)
+    share: float = 0.0  # of users in the canary now (the ramp raises it)
+    ramped_at: float = 0.0
     decision: str = ""  # "" while running | "promote" | "rollback"
+    outcome: str = ""  # the test's finding: "worse" | "not_worse" | "undecided" ("" = operator)
     reason: str = ""
     decided_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        self.arms = {self.canary: Arm(), self.serving: Arm()}
+        make = (lambda: UserArm(self.policy)) if self.policy.unit == "user" else Arm
+        self.arms = {self.canary: make(), self.serving: make()}
+        self.share = self.share or self.policy.share
+        self.ramped_at = self.ramped_at or self.started_at
 
-    def add(self, version: str, reward: float, unit: str | None = None) -> None:
-        """One rewarded event on `version`'s answer; `unit` is the answer's or the user's
-        id as the policy's unit asks (None: the event is its own unit)."""
+    def add(
+        self,
+        version: str,
+        reward: float,
+        user: str | None = None,
+        answer: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """One rewarded event on `version`'s answer `answer`, given to `user`."""
         with self._lock:
             arm = self.arms.get(version)
-            if arm is not None and not self.decision:
-                arm.add(reward, unit)
+            if arm is None or self.decision:
+                return
+            if isinstance(arm, UserArm):
+                arm.add(reward, user or "", answer or "", time.time() if now is None else now)
+            else:
+                arm.add(reward, answer if self.policy.unit == "answer" else None)
 
     def interval(self) -> tuple[float, float, float]:
+        """(Δ̂, low, high) for Δ = mean(canary) − mean(serving)."""
+        c, s = self.arms[self.canary], self.arms[self.serving]
+        if isinstance(c, UserArm) and isinstance(s, UserArm):
+            (c_low, c_high), (s_low, s_high) = c.bounds(), s.bounds()
+            return c.mean - s.mean, c_low - s_high, c_high - s_low
         p = self.policy
-        return msprt_interval(self.arms[self.canary], self.arms[self.serving], p.alpha, p.tau)
+        return msprt_interval(c, s, p.alpha, p.tau)
 
     def decide(self, now: float | None = None) -> str:
         """Look at the evidence; return (and remember) "promote", "rollback" or ""."""
@@ -156,6 +345,9 @@ class Experiment:
                 return self.decision
             p = self.policy
             c, s = self.arms[self.canary], self.arms[self.serving]
+            for arm in (c, s):
+                if isinstance(arm, UserArm):
+                    arm.settle(now)
             diff, low, high = self.interval()
             enough = min(c.n, s.n) >= p.min_feedback
             if enough and high < 0:
@@ -164,6 +356,7 @@ class Experiment:
                     f"worse than {self.serving}: Δ {diff:+.3f}, "
                     f"interval [{low:+.3f}, {high:+.3f}] below 0",
                     now,
+                    outcome="worse",
                 )
             elif enough and low > -p.margin:
                 self.settle(
@@ -171,6 +364,7 @@ class Experiment:
                     f"not worse than {self.serving} by more than "
                     f"{p.margin}: Δ {diff:+.3f}, interval [{low:+.3f}, {high:+.3f}]",
                     now,
+                    outcome="not_worse",
                 )
             elif c.events >= p.max_feedback or now - self.started_at >= p.window_s:
                 self.settle(
@@ -179,12 +373,23 @@ class Experiment:
                     f"events, {now - self.started_at:.0f} s): Δ {diff:+.3f}, "
                     f"interval [{low:+.3f}, {high:+.3f}]",
                     now,
+                    outcome="undecided",
                 )
+            elif (
+                self.share < p.max_share
+                and now - self.ramped_at >= p.ramp_every_s
+                and min(c.n, s.n) >= 1
+                and diff >= -p.margin
+            ):
+                self.share = min(p.max_share, 2 * self.share)
+                self.ramped_at = now
             return self.decision
 
-    def settle(self, decision: str, reason: str, now: float | None = None) -> None:
-        """Record the decision (the test's, or an operator's)."""
-        self.decision, self.reason = decision, reason
+    def settle(
+        self, decision: str, reason: str, now: float | None = None, outcome: str = ""
+    ) -> None:
+        """Record the decision (the test's, with what it found; or an operator's)."""
+        self.decision, self.reason, self.outcome = decision, reason, outcome
         self.decided_at = time.time() if now is None else now
 
     def evidence(self) -> dict[str, object]:
@@ -193,7 +398,8 @@ class Experiment:
         return {
             "canary": self.canary,
             "against": self.serving,
-            "share": self.policy.share,
+            "unit": self.policy.unit,
+            "share": round(self.share, 4),
             "alpha": self.policy.alpha,
             "margin": self.policy.margin,
             "arms": {v: a.as_dict() for v, a in self.arms.items()},
@@ -202,6 +408,7 @@ class Experiment:
             "high": finite(high),
             "started_at": self.started_at,
             "decision": self.decision,
+            "outcome": self.outcome,
             "reason": self.reason,
             "decided_at": self.decided_at or None,
         }

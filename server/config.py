@@ -57,6 +57,12 @@ class ServeConfig:
     canary_share: float = option(
         0.1, "share of users (by user id hash) a new version serves first; 0 = no canary"
     )
+    canary_max_share: float = option(
+        0.5, "the ramp doubles the canary's share up to this (≤ --canary-share: no ramp)"
+    )
+    canary_ramp_every_s: float = option(
+        300.0, "seconds between two ramp steps, taken while the canary does not look worse"
+    )
     canary_alpha: float = option(
         0.05, "the canary test's false-promotion rate (a worse version promoted)"
     )
@@ -64,20 +70,27 @@ class ServeConfig:
         0.02, "promote a canary not worse than the serving version by more than this reward"
     )
     canary_unit: str = option(
-        "answer",
-        "the canary test's observation: an answer's or a user's mean reward, or each event",
-        ("answer", "user", "event"),
+        "user",
+        "the canary test's observation: a user's mean reward (betting confidence sequence), "
+        "or an answer's or each event's (mSPRT, assumes them independent)",
+        ("user", "answer", "event"),
+    )
+    canary_user_answers: int = option(
+        5, "a user's observation is the mean reward of their first this many rated answers…"
+    )
+    canary_user_settle_s: float = option(
+        600.0, "…or of those rated within this many seconds of their first"
     )
     canary_min_feedback: int = option(
-        30,
-        "answers (or users, or events: --canary-unit) per arm with rewarded feedback "
+        10,
+        "users (or answers, or events: --canary-unit) per arm with rewarded feedback "
         "before a decision",
     )
     canary_max_feedback: int = option(
-        2000, "canary feedback events after which an undecided canary is rolled back"
+        4000, "canary feedback events after which an undecided canary is rolled back"
     )
     canary_window_s: float = option(
-        3600.0, "seconds after which an undecided canary is rolled back"
+        7200.0, "seconds after which an undecided canary is rolled back"
     )
     rewards: Path | None = option(
         None, "reward configuration (TOML) for the canary test; default: the shipped one"
@@ -113,6 +126,14 @@ class ServeConfig:
             raise ValueError(f"--canary-share: must be in [0, 1), got {self.canary_share}")
         if not 0 < self.canary_alpha < 1:
             raise ValueError(f"--canary-alpha: must be in (0, 1), got {self.canary_alpha}")
+        if not 0 <= self.canary_max_share < 1:
+            raise ValueError(f"--canary-max-share: must be in [0, 1), got {self.canary_max_share}")
+        if self.canary_ramp_every_s <= 0 or self.canary_user_settle_s <= 0:
+            raise ValueError("--canary-ramp-every-s, --canary-user-settle-s: must be positive")
+        if self.canary_user_answers < 1:
+            raise ValueError(
+                f"--canary-user-answers: must be at least 1, got {self.canary_user_answers}"
+            )
         if self.canary_margin < 0:
             raise ValueError(f"--canary-margin: must be 0 or more, got {self.canary_margin}")
         self.rate_limits()  # each limit positive
@@ -140,9 +161,13 @@ class ServeConfig:
 
         return CanaryPolicy(
             share=self.canary_share,
+            max_share=max(self.canary_share, self.canary_max_share),
+            ramp_every_s=self.canary_ramp_every_s,
             alpha=self.canary_alpha,
             margin=self.canary_margin,
             unit=self.canary_unit,
+            user_answers=self.canary_user_answers,
+            user_settle_s=self.canary_user_settle_s,
             min_feedback=self.canary_min_feedback,
             max_feedback=self.canary_max_feedback,
             window_s=self.canary_window_s,

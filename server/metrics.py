@@ -85,6 +85,14 @@ for _result in ("ok", "corrupt", "incompatible", "failed"):  # so a first failur
     SWAPS.labels(_result)
 
 CANARY_VERSION = Gauge("kaizen_canary_version", "Number N of the canary version vN; 0 = none")
+CANARY_SHARE = Gauge(
+    "kaizen_canary_share", "Share of users the running canary serves now (the ramp raises it)"
+)
+CANARY_USERS = Gauge(
+    "kaizen_canary_users",
+    "Users whose observation the canary test has (final) or is still collecting (pending)",
+    ["arm", "state"],
+)
 CANARY_EVENTS = Counter(
     "kaizen_canary_feedback_events_total",
     "Rewarded feedback events counted by the running canary test, by arm",

@@ -61,7 +61,9 @@ class Rollout:
     # -- routing and evidence (RPC threads) --------------------------------------------
 
     def route_to_canary(self, user_id: str) -> bool:
-        return self.policy.share > 0 and self.buckets.in_canary(user_id, self.policy.share)
+        e = self.experiment
+        share = e.share if e is not None else self.policy.share
+        return share > 0 and self.buckets.in_canary(user_id, share)
 
     def answered(self, response_id: str, version: str, text: str, created_at: float) -> None:
         with self._answers_lock:
@@ -88,19 +90,10 @@ class Rollout:
                 continue
             r = reward(ev, self.rewards, words=words)
             if r is not None:
-                experiment.add(version, r, self._unit(experiment.policy.unit, ev))
+                experiment.add(version, r, user=ev.user_id, answer=ev.response_id)
                 metrics.CANARY_EVENTS.labels(
                     "canary" if version == experiment.canary else "serving"
                 ).inc()
-
-    @staticmethod
-    def _unit(unit: str, ev: Feedback) -> str | None:
-        """The key events are averaged under before the test sees them."""
-        if unit == "answer":
-            return ev.response_id
-        if unit == "user":
-            return ev.user_id
-        return None  # "event": each event is its own observation
 
     # -- the watcher's thread ----------------------------------------------------------
 
@@ -139,8 +132,17 @@ class Rollout:
                 return ""
             if e.canary in self.engine.failed:  # it never served anyone: nothing to test
                 e.settle("rollback", self.engine.failed[e.canary])
-            self._export(e)
+            share = e.share
             decision = e.decide(now)
+            if e.share != share:
+                log.info(
+                    "canary %s: ramped from %.0f %% to %.0f %% of users (%s)",
+                    e.canary,
+                    100 * share,
+                    100 * e.share,
+                    _summary(e),
+                )
+            self._export(e)
             if decision:
                 self._apply(e, decision, e.reason, by="test")
             return decision
@@ -150,8 +152,12 @@ class Rollout:
         metrics.CANARY_DIFF.labels("estimate").set(diff)
         metrics.CANARY_DIFF.labels("low").set(max(low, -2.0))
         metrics.CANARY_DIFF.labels("high").set(min(high, 2.0))
+        metrics.CANARY_SHARE.set(e.share)
         for arm, version in (("canary", e.canary), ("serving", e.serving)):
-            metrics.CANARY_MEAN_REWARD.labels(arm).set(e.arms[version].mean)
+            a = e.arms[version]
+            metrics.CANARY_MEAN_REWARD.labels(arm).set(a.mean)
+            metrics.CANARY_USERS.labels(arm, "final").set(a.n)
+            metrics.CANARY_USERS.labels(arm, "pending").set(len(getattr(a, "pending", ())))
 
     def _apply(self, e: Experiment, decision: str, reason: str, by: str) -> None:
         version = e.canary
@@ -172,6 +178,7 @@ class Rollout:
     def _end(self, e: Experiment, decision: str, by: str) -> None:
         metrics.CANARY_DECISIONS.labels(decision, by).inc()
         metrics.CANARY_VERSION.set(0)
+        metrics.CANARY_SHARE.set(0)
         self.history[e.canary] = e
         self.experiment = None
 
@@ -182,6 +189,7 @@ class Rollout:
             return
         self.engine.drop_canary(e.canary)
         metrics.CANARY_VERSION.set(0)
+        metrics.CANARY_SHARE.set(0)
         self.experiment = None
         log.info("canary %s stopped without a verdict: %s", e.canary, why)
 
@@ -281,3 +289,9 @@ class Rollout:
         )
         earlier = [str(r["version"]) for r in promoted if r["version"] != version]
         return earlier[-1] if earlier else BASE_VERSION
+
+
+def _summary(e: Experiment) -> str:
+    diff, low, high = e.interval()
+    c, s = e.arms[e.canary], e.arms[e.serving]
+    return f"{c.n} / {s.n} users, Δ {diff:+.3f}, interval [{low:+.3f}, {high:+.3f}]"

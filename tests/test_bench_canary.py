@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from bench.canary import msprt_bounds
+from bench.canary import Scenario, msprt_bounds, simulate, simulate_cs, summarise
 from kaizen.cli import main
 from server.canary import Arm, CanaryPolicy, Experiment, msprt_interval
 
@@ -41,30 +42,50 @@ def test_the_vectorised_bounds_are_the_servers(unit):
 
 def test_the_decision_rule_is_the_experiments():
     """Rollback before promote, only with min_feedback units per arm: as Experiment."""
-    policy = CanaryPolicy(share=0.1, min_feedback=5, max_feedback=10**6, window_s=1e9)
-    exp = Experiment("v1", "v0", policy)
-    for i in range(40):
-        exp.add("v1", -1.0, f"c{i}")
-        exp.add("v0", 1.0 if i % 4 else -1.0, f"s{i}")
-    assert exp.decide(now=exp.started_at) == "rollback"
+    policy = CanaryPolicy(
+        share=0.1, min_feedback=5, max_feedback=10**6, window_s=1e9, user_answers=1
+    )
+    for unit in ("user", "answer"):
+        exp = Experiment("v1", "v0", replace(policy, unit=unit))
+        for i in range(40):
+            exp.add("v1", -1.0, user=f"c{i}", answer=f"a{i}")
+            exp.add("v0", 1.0 if i % 4 else -1.0, user=f"s{i}", answer=f"b{i}")
+        assert exp.decide(now=exp.started_at) == "rollback", unit
+
+
+def test_heavy_users_fool_the_answer_level_test_but_not_the_user_level_one():
+    """Zipf activity and a taste per user, the canary worse by 0.1: counting answers as
+    independent promotes it far above α; the server's user-level test does not."""
+    policy = CanaryPolicy(max_feedback=2000, window_s=1e9)
+    bad = Scenario("heavy", -0.1)
+    cs = summarise(bad, simulate_cs(bad, 300, 1000, policy, rate=0.5, seed=4), policy.margin)
+    msprt = simulate(bad, 300, 1000, policy, rate=0.5, seed=4)["msprt_answer"]
+    assert cs["promote_rate"] <= policy.alpha
+    assert summarise(bad, msprt, policy.margin)["promote_rate"] > 1.5 * policy.alpha
 
 
 def test_bench_canary_end_to_end_on_small_numbers(capsys):
     argv = ["bench", "canary", "--json", "--runs", "60", "--max-feedback", "300"]
-    argv += ["--shapes", "thumbs,mix,heavy", "--deltas=-0.2,0.2"]
+    argv += ["--shapes", "thumbs,mix,heavy", "--deltas=-0.5,0.5", "--rate", "2"]
     assert main(argv) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["runs_per_scenario"] == 60
     assert [(s["shape"], s["delta"]) for s in figures["scenarios"]] == [
-        (shape, d) for shape in ("thumbs", "mix", "heavy") for d in (-0.2, 0.2)
+        (shape, d) for shape in ("thumbs", "mix", "heavy") for d in (-0.5, 0.5)
     ]
     by = {(s["shape"], s["delta"]): s for s in figures["scenarios"]}
-    for test in ("msprt_answer", "msprt_user", "z_peek"):
-        bad, good = by[("thumbs", -0.2)][test], by[("thumbs", 0.2)][test]
+    for test in ("cs_user", "msprt_answer", "msprt_user", "z_peek"):
+        bad, good = by[("thumbs", -0.5)][test], by[("thumbs", 0.5)][test]
         assert bad["worse_than_margin"] and not good["worse_than_margin"]
         assert bad["promote_rate"] <= 0.1 < 0.6 <= good["promote_rate"], test
         low, high = good["promote_ci95"]
         assert low <= good["promote_rate"] <= high
         assert good["median_canary_events_to_decision"] > 0
-    assert set(figures["worst_false_promotion"]) == {"msprt_answer", "msprt_user", "z_peek"}
+    assert set(figures["worst_false_promotion"]) == {
+        "cs_user",
+        "msprt_answer",
+        "msprt_user",
+        "z_peek",
+    }
+    assert figures["policy"]["unit"] == "user"
     assert main(["bench", "canary", "--shapes", "nope"]) == 2

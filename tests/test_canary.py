@@ -5,12 +5,15 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from kaizen.bucket import CANARY, Buckets
-from server.canary import Arm, CanaryPolicy, Experiment
+from server.canary import Arm, BettingCS, CanaryPolicy, Experiment
 
-POLICY = CanaryPolicy(share=0.2, alpha=0.05, margin=0.02, min_feedback=30, max_feedback=3000)
+POLICY = CanaryPolicy(
+    share=0.2, alpha=0.05, margin=0.02, unit="answer", min_feedback=30, max_feedback=3000
+)
 
 
 def test_users_are_split_by_share_and_stay_where_they_are():
@@ -36,7 +39,7 @@ def run(
     decides; each answer gets `events_per_answer` events of the same sign (a thumb, then
     a copy, a dwell…), keyed by answer or each its own observation (unit "event")."""
     rng = random.Random(seed)
-    e = Experiment("v2", "v1", policy, started_at=0.0)
+    e = Experiment("v2", "v1", replace(policy, unit=unit), started_at=0.0)
 
     def thumb(mean: float) -> float:
         return 1.0 if rng.random() < (1 + mean) / 2 else -1.0
@@ -45,7 +48,7 @@ def run(
         version, mean = ("v2", canary_mean) if rng.random() < policy.share else ("v1", serving_mean)
         r = thumb(mean)
         for _ in range(events_per_answer):
-            e.add(version, r, f"answer-{i}" if unit == "answer" else None)
+            e.add(version, r, answer=f"answer-{i}")
         if e.decide(now=0.0):
             return e.decision, i
     return e.decision, -1
@@ -89,12 +92,78 @@ def test_a_better_canary_is_promoted_and_a_much_worse_one_rolled_back_early():
 
 
 def test_an_undecided_canary_is_rolled_back_when_its_window_ends():
-    e = Experiment("v2", "v1", CanaryPolicy(window_s=60.0), started_at=0.0)
+    policy = CanaryPolicy(window_s=60.0, user_answers=1)
+    e = Experiment("v2", "v1", policy, started_at=0.0)
     for i in range(10):  # too little evidence for either decision
-        e.add("v2", 1.0 if i % 2 else -1.0)
-        e.add("v1", 1.0 if i % 2 else -1.0)
+        e.add("v2", 1.0 if i % 2 else -1.0, user=f"c{i}", answer=f"a{i}", now=1.0)
+        e.add("v1", 1.0 if i % 2 else -1.0, user=f"s{i}", answer=f"b{i}", now=1.0)
     assert e.decide(now=30.0) == ""
     assert e.decide(now=61.0) == "rollback"
     assert "undecided" in e.reason
     evidence = e.evidence()
     assert evidence["arms"]["v2"]["n"] == 10 and evidence["decision"] == "rollback"
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda rng, n: (rng.random(n) < 0.1) * 2.0 - 1,  # rare thumbs up
+        lambda rng, n: (rng.random(n) < 0.5) * 2.0 - 1,
+        lambda rng, n: rng.beta(10, 30, n) * 2 - 1,  # the paper's Beta(10, 30)
+    ],
+    ids=["bernoulli-0.1", "bernoulli-0.5", "beta-10-30"],
+)
+def test_the_confidence_sequence_covers_the_mean_at_every_look(draw):
+    """Waudby-Smith & Ramdas's own check: over many sequences, how often does the CS
+    ever (at any of 500 looks) exclude the true mean? At most α, with no variance guess."""
+    rng = np.random.default_rng(0)
+    runs, looks = 2000, 500
+    data = draw(rng, runs * 4000)  # the true mean, by a much larger sample
+    truth = data.mean()
+    cs = BettingCS(alpha=0.05, runs=runs)
+    missed = np.zeros(runs, dtype=bool)
+    widths = []
+    for _t in range(looks):
+        cs.add(draw(rng, runs))
+        low, high = cs.bounds()
+        missed |= (low > truth) | (high < truth)
+        widths.append(np.median(high - low))
+    assert missed.mean() <= 0.05
+    assert widths[-1] < widths[49] < widths[9] < 2.0  # and it narrows as users come in
+
+
+def test_a_users_observation_is_their_first_answers_and_final_by_count_or_time():
+    policy = CanaryPolicy(unit="user", user_answers=2, user_settle_s=100.0, min_feedback=2)
+    e = Experiment("v2", "v1", policy, started_at=0.0)
+    canary = e.arms["v2"]
+    e.add("v2", 1.0, user="heavy", answer="h1", now=1.0)
+    e.add("v2", 0.5, user="heavy", answer="h1", now=2.0)  # a copy on the same answer
+    assert canary.n == 0  # one answer so far: still collecting
+    e.add("v2", -1.0, user="heavy", answer="h2", now=3.0)
+    assert canary.n == 1 and canary.mean == pytest.approx((0.75 - 1.0) / 2)
+    for i in range(50):  # a heavy user's later answers add nothing
+        e.add("v2", 1.0, user="heavy", answer=f"h{i + 3}", now=4.0)
+    assert canary.n == 1 and canary.events == 53
+    e.add("v2", 1.0, user="light", answer="l1", now=5.0)
+    e.decide(now=50.0)
+    assert canary.n == 1  # not yet settled
+    e.decide(now=106.0)
+    assert canary.n == 2 and canary.mean == pytest.approx((-0.125 + 1.0) / 2)
+    assert e.evidence()["arms"]["v2"]["pending_users"] == 0
+
+
+def test_the_ramp_raises_the_share_only_while_the_canary_does_not_look_worse():
+    policy = CanaryPolicy(unit="user", user_answers=1, ramp_every_s=10.0, min_feedback=1000)
+    good = Experiment("v2", "v1", policy, started_at=0.0)
+    bad = Experiment("v2", "v1", policy, started_at=0.0)
+    for i in range(5):
+        good.add("v2", 1.0, user=f"c{i}", answer=f"a{i}", now=1.0)
+        good.add("v1", 0.0, user=f"s{i}", answer=f"b{i}", now=1.0)
+        bad.add("v2", -1.0, user=f"c{i}", answer=f"a{i}", now=1.0)
+        bad.add("v1", 0.0, user=f"s{i}", answer=f"b{i}", now=1.0)
+    shares = []
+    for now in (5.0, 11.0, 22.0, 33.0, 44.0):
+        good.decide(now=now)
+        bad.decide(now=now)
+        shares.append((good.share, bad.share))
+    assert shares == [(0.1, 0.1), (0.2, 0.1), (0.4, 0.1), (0.5, 0.1), (0.5, 0.1)]

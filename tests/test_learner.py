@@ -357,6 +357,10 @@ def test_the_learner_rebases_onto_the_serving_version_after_a_rollback(learner_c
     learner.train_pending()
     learner.publish()
     assert learner.version == "v3" and registry.manifest("v3").parent == "v1"
+    undecided = {"outcome": "undecided", "decision": "rollback"}
+    registry.record_rollout("v3", ROLLED_BACK, "undecided at the end of the window", undecided)
+    learner.follow_servers()
+    assert learner.version == "v3"  # not shown worse: what it learned is kept
 
     registry.record_rollout("v1", ROLLED_BACK, "operator rollback", by="operator")
     registry.record_rollout("v3", ROLLED_BACK, "worse than v1")

@@ -65,7 +65,15 @@ def thumbs(running, answers, up) -> None:
 
 
 def test_a_canary_serves_its_sticky_share_and_good_feedback_promotes_it(rollout_server, tiny_model):
-    running = rollout_server(canary_share=0.5, canary_min_feedback=8, canary_margin=0.5)
+    # each user's first rated answer is their observation; a lenient margin: promote what
+    # 20 users a side cannot show to be worse by a whole reward point
+    running = rollout_server(
+        canary_share=0.5,
+        canary_max_share=0.5,
+        canary_min_feedback=8,
+        canary_margin=1.0,
+        canary_user_answers=1,
+    )
     registry = Registry(running.watcher.registry.root)
     v1 = publish_random_adapter(registry, tiny_model, seed=1)
     wait_until(lambda: running.engine.canary is not None, what="the canary install")
@@ -91,7 +99,9 @@ def test_a_canary_serves_its_sticky_share_and_good_feedback_promotes_it(rollout_
 def test_bad_feedback_rolls_the_canary_back_and_it_is_never_served_again(
     rollout_server, tiny_model
 ):
-    running = rollout_server(canary_share=0.5, canary_min_feedback=8)
+    running = rollout_server(
+        canary_share=0.5, canary_max_share=0.5, canary_min_feedback=8, canary_user_answers=1
+    )
     registry = Registry(running.watcher.registry.root)
     v1 = publish_random_adapter(registry, tiny_model, seed=1)
     wait_until(lambda: running.engine.canary is not None, what="the canary install")
@@ -197,7 +207,9 @@ def park_the_decode_loop(engine, monkeypatch):
 def test_a_promotion_that_times_out_is_withdrawn_and_never_served_later(
     rollout_server, tiny_model, monkeypatch
 ):
-    running = rollout_server(canary_share=0.5, canary_min_feedback=10_000)  # no test decision
+    running = rollout_server(
+        canary_share=0.5, canary_max_share=0.5, canary_min_feedback=10_000
+    )  # no test decision
     v1 = publish_random_adapter(Registry(running.watcher.registry.root), tiny_model, seed=1)
     engine = running.engine
     wait_until(lambda: engine.canary is not None, what="the canary install")
