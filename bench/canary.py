@@ -162,8 +162,10 @@ def simulate(
     canary_events = np.zeros(R)
     decision = {t: np.zeros(R, dtype=int) for t in BASELINES}
     at = {t: np.zeros(R) for t in BASELINES}
+    when = {t: np.zeros(R) for t in BASELINES}
     open_ = {t: np.ones(R, dtype=bool) for t in BASELINES}
-    for _ in range(_steps(policy, rate, share)):
+    steps = _steps(policy, rate, share)
+    for step in range(steps):
         if not any(o.any() for o in open_.values()):
             break
         u = np.minimum(np.searchsorted(cdf, rng.random(R)), U - 1)
@@ -199,10 +201,14 @@ def simulate(
             for mask, value in ((promote, 1), (rollback, -1), (window, 0)):
                 decision[test][mask] = value
                 at[test][mask] = canary_events[mask]
+                when[test][mask] = (step + 1) / rate
                 live &= ~mask
     for test in BASELINES:  # still open when the steps ran out: the window's rollback
         at[test][open_[test]] = canary_events[open_[test]]
-    return {t: {"decision": decision[t], "canary_events": at[t]} for t in BASELINES}
+        when[test][open_[test]] = steps / rate
+    return {
+        t: {"decision": decision[t], "canary_events": at[t], "seconds": when[t]} for t in BASELINES
+    }
 
 
 def simulate_cs(
@@ -227,7 +233,7 @@ def simulate_cs(
     cs = [BettingCS(policy.alpha, runs=R), BettingCS(policy.alpha, runs=R)]
     finals = np.zeros((R, 2))  # Σ final observations per arm
     canary_events = np.zeros(R)
-    decision, at = np.zeros(R, dtype=int), np.zeros(R)
+    decision, at, when = np.zeros(R, dtype=int), np.zeros(R), np.zeros(R)
     live = np.ones(R, dtype=bool)
 
     def finalise(r: np.ndarray, u: np.ndarray, a: np.ndarray) -> None:
@@ -239,7 +245,8 @@ def simulate_cs(
             if mine.any():
                 cs[arm].add(y[mine], r[mine])
 
-    for step in range(_steps(policy, rate, policy.share)):
+    steps = _steps(policy, rate, policy.share)
+    for step in range(steps):
         if not live.any():
             break
         slot = step % settle  # users whose first reward is `settle` events old
@@ -273,6 +280,7 @@ def simulate_cs(
         for mask, value in ((promote, 1), (rollback, -1), (window, 0)):
             decision[mask] = value
             at[mask] = canary_events[mask]
+            when[mask] = (step + 1) / rate
             live &= ~mask
         diff = finals[:, 0] / np.maximum(n[:, 0], 1) - finals[:, 1] / np.maximum(n[:, 1], 1)
         ramp = (
@@ -285,7 +293,8 @@ def simulate_cs(
         share[ramp] = np.minimum(policy.max_share, 2 * share[ramp])
         ramped_at[ramp] = step
     at[live] = canary_events[live]  # the window's time ran out
-    return {"decision": decision, "canary_events": at, "share": share}
+    when[live] = steps / rate
+    return {"decision": decision, "canary_events": at, "seconds": when, "share": share}
 
 
 def summarise(scenario: Scenario, outcome: dict[str, np.ndarray], margin: float) -> dict:
@@ -304,6 +313,9 @@ def summarise(scenario: Scenario, outcome: dict[str, np.ndarray], margin: float)
         "undecided_rate": round(1 - decided.mean(), 4),
         "median_canary_events_to_decision": float(np.median(events[decided]))
         if decided.any()
+        else None,
+        "median_s_to_promotion": round(float(np.median(outcome["seconds"][d == 1])), 1)
+        if promoted
         else None,
         "worse_than_margin": scenario.delta < -margin,
     }
