@@ -22,8 +22,9 @@ time, the ramp, the window) become event counts.
 Tests:
 - `cs_user`: the server's default (`--canary-unit user`): one observation per user per
   arm (the mean of their first `user_answers` rewards, or of those within
-  `user_settle_s`), the betting confidence sequence per arm (`server.canary.BettingCS`,
-  the same code), the share ramping from `share` to `max_share`. Its own pass: the ramp
+  `user_settle_s`), paired across arms in the order they become final, the betting
+  confidence sequence on the pairs' differences (`server.canary.BettingCS`, the same
+  code), the share ramping from `share` to `max_share`. Its own pass: the ramp
   changes who is routed where.
 - `msprt_answer`: the earlier default, the mSPRT (`server.canary.msprt_interval`) with
   one observation per answer (--canary-unit answer), at the fixed `share`;
@@ -230,7 +231,10 @@ def simulate_cs(
     total = np.zeros((R, U, 2))
     final = np.zeros((R, U, 2), dtype=bool)
     first_of = np.full((R, settle), -1)  # ring: user*2 + arm whose first reward came then
-    cs = [BettingCS(policy.alpha, runs=R), BettingCS(policy.alpha, runs=R)]
+    pairs = BettingCS(policy.alpha, lo=-2.0, hi=2.0, runs=R)  # the CS of Δ, as the server's
+    final_y = np.zeros((R, 2, 2 * U))  # each arm's final observations, in order
+    n = np.zeros((R, 2), dtype=np.int64)
+    paired = np.zeros(R, dtype=np.int64)
     finals = np.zeros((R, 2))  # Σ final observations per arm
     canary_events = np.zeros(R)
     decision, at, when = np.zeros(R, dtype=int), np.zeros(R), np.zeros(R)
@@ -240,10 +244,14 @@ def simulate_cs(
         y = total[r, u, a] / count[r, u, a]
         final[r, u, a] = True
         finals[r, a] += y
-        for arm in (0, 1):
+        for arm in (0, 1):  # a run finalises at most one user of an arm per call
             mine = a == arm
-            if mine.any():
-                cs[arm].add(y[mine], r[mine])
+            final_y[r[mine], arm, n[r[mine], arm]] = y[mine]
+            n[r[mine], arm] += 1
+        while (ready := np.flatnonzero(n.min(axis=1) > paired)).size:
+            i = paired[ready]
+            pairs.add(final_y[ready, 0, i] - final_y[ready, 1, i], ready)
+            paired[ready] += 1
 
     steps = _steps(policy, rate, policy.share)
     for step in range(steps):
@@ -270,9 +278,7 @@ def simulate_cs(
         full = np.flatnonzero(fresh & (count[rows, u, arm] >= policy.user_answers))
         finalise(full, u[full], arm[full])
 
-        n = np.stack([cs[0].n, cs[1].n], axis=1)
-        (c_low, c_high), (s_low, s_high) = cs[0].bounds(), cs[1].bounds()
-        low, high = c_low - s_high, c_high - s_low
+        low, high = pairs.bounds()
         enough = n.min(axis=1) >= policy.min_feedback
         rollback = live & enough & (high < 0)
         promote = live & enough & ~rollback & (low > -policy.margin)

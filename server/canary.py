@@ -16,15 +16,19 @@ averaged first). It is final at their `user_answers`-th such answer or `user_set
 after their first, whichever comes first: a rule that does not look at the rewards, so
 final observations are independent draws from the arm's population of users.
 
-Decision: for each arm, a confidence sequence for its mean user reward, valid at every
-look at once for any distribution on the reward range [−1, 1] without a variance guess:
-the hedged betting CS of Waudby-Smith and Ramdas ("Estimating means of bounded random
-variables by betting", JRSS-B 2024; the hedged capital process with predictable plug-in
-bets, as in the authors' `confseq` package), each arm at level α (α/2 a side). Then
-Δ = mean(canary) − mean(serving) lies above low = L(canary) − U(serving) at every look
-with probability ≥ 1 − α (each of the two bounds fails with probability ≤ α/2), and
-below high = U(canary) − L(serving) likewise. The arms need not be independent of each
-other (a user moved into the canary by the ramp gives each arm an observation).
+Decision: final observations are paired in the order they become final, the i-th of the
+canary with the i-th of the serving version, and each pair's difference
+dᵢ = y(canary)ᵢ − y(serving)ᵢ ∈ [−2, 2] is an independent draw with mean
+Δ = mean(canary) − mean(serving). A confidence sequence for the mean of the dᵢ, valid at
+every look at once for any distribution on [−2, 2] without a variance guess: the hedged
+betting CS of Waudby-Smith and Ramdas ("Estimating means of bounded random variables by
+betting", JRSS-B 2024; the hedged capital process with predictable plug-in bets, as in
+the authors' `confseq` package) at level α, so each of its bounds fails with
+probability ≤ α/2 over the whole experiment. Pairing costs the serving observations
+beyond the canary's count (the serving arm always has more), and buys a joint interval:
+two intervals, one per arm, added up, need about twice the users for the same width
+(`kaizen bench canary`: a version better by 0.2 promoted in 67 % of windows paired
+against 24 % with one CS per arm, at the same false-promotion rate).
 
 - roll back as soon as high < 0 (the canary is worse);
 - promote as soon as low > −margin: a canary worse than that is promoted with
@@ -47,6 +51,7 @@ which users who come back break (`kaizen bench canary` measures by how much).
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -196,12 +201,12 @@ def msprt_interval(
 class UserArm:
     """One version's evidence with the user as the unit: each user's first `user_answers`
     answers with feedback on this version (events on one answer averaged), final at the
-    last of them or `user_settle_s` after the first, then one observation of the arm's
-    confidence sequence."""
+    last of them or `user_settle_s` after the first, then one observation, kept in order
+    until the experiment pairs it with one of the other arm's."""
 
     def __init__(self, policy: CanaryPolicy) -> None:
         self.policy = policy
-        self.cs = BettingCS(policy.alpha)
+        self.unpaired: collections.deque[float] = collections.deque()  # final, in order
         self.events = 0
         self.pending: dict[str, tuple[float, dict[str, list[float]]]] = {}  # user -> …
         self.final: set[str] = set()
@@ -236,14 +241,10 @@ class UserArm:
     def _finalise(self, user: str) -> None:
         _, answers = self.pending.pop(user)
         y = sum(total / k for total, k in answers.values()) / len(answers)
-        self.cs.add([y])
+        self.unpaired.append(y)
         self.final.add(user)
         self.total += y
         self.squares += y * y
-
-    def bounds(self) -> tuple[float, float]:
-        low, high = self.cs.bounds()
-        return float(low[0]), float(high[0])
 
     @property
     def mean(self) -> float:
@@ -256,15 +257,12 @@ class UserArm:
         return max(0.0, (self.squares - self.n * self.mean**2) / (self.n - 1))
 
     def as_dict(self) -> dict[str, float]:
-        low, high = self.bounds()
         return {
             "n": self.n,
             "pending_users": len(self.pending),
             "events": self.events,
             "mean": round(self.mean, 4),
             "std": round(math.sqrt(self.variance), 4),
-            "low": round(low, 4),
-            "high": round(high, 4),
         }
 
 
@@ -307,6 +305,7 @@ class Experiment:
     def __post_init__(self) -> None:
         make = (lambda: UserArm(self.policy)) if self.policy.unit == "user" else Arm
         self.arms = {self.canary: make(), self.serving: make()}
+        self.pairs = BettingCS(self.policy.alpha, lo=-2.0, hi=2.0)  # unit user: Δ's CS
         self.share = self.share or self.policy.share
         self.ramped_at = self.ramped_at or self.started_at
 
@@ -325,15 +324,22 @@ class Experiment:
                 return
             if isinstance(arm, UserArm):
                 arm.add(reward, user or "", answer or "", time.time() if now is None else now)
+                self._pair()
             else:
                 arm.add(reward, answer if self.policy.unit == "answer" else None)
 
+    def _pair(self) -> None:
+        c, s = self.arms[self.canary], self.arms[self.serving]
+        while c.unpaired and s.unpaired:
+            self.pairs.add([c.unpaired.popleft() - s.unpaired.popleft()])
+
     def interval(self) -> tuple[float, float, float]:
-        """(Δ̂, low, high) for Δ = mean(canary) − mean(serving)."""
+        """(Δ̂, low, high) for Δ = mean(canary) − mean(serving): Δ̂ over every final user,
+        the interval from the pairs."""
         c, s = self.arms[self.canary], self.arms[self.serving]
         if isinstance(c, UserArm) and isinstance(s, UserArm):
-            (c_low, c_high), (s_low, s_high) = c.bounds(), s.bounds()
-            return c.mean - s.mean, c_low - s_high, c_high - s_low
+            low, high = self.pairs.bounds()
+            return c.mean - s.mean, float(low[0]), float(high[0])
         p = self.policy
         return msprt_interval(c, s, p.alpha, p.tau)
 
@@ -345,9 +351,10 @@ class Experiment:
                 return self.decision
             p = self.policy
             c, s = self.arms[self.canary], self.arms[self.serving]
-            for arm in (c, s):
-                if isinstance(arm, UserArm):
-                    arm.settle(now)
+            if isinstance(c, UserArm) and isinstance(s, UserArm):
+                c.settle(now)
+                s.settle(now)
+                self._pair()
             diff, low, high = self.interval()
             enough = min(c.n, s.n) >= p.min_feedback
             if enough and high < 0:
@@ -403,6 +410,7 @@ class Experiment:
             "alpha": self.policy.alpha,
             "margin": self.policy.margin,
             "arms": {v: a.as_dict() for v, a in self.arms.items()},
+            "pairs": int(self.pairs.n[0]),
             "diff": round(diff, 4),
             "low": finite(low),
             "high": finite(high),
