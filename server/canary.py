@@ -392,6 +392,21 @@ class Experiment:
                 self.ramped_at = now
             return self.decision
 
+    def forecast(self, now: float) -> float | None:
+        """The smallest Δ this window can still promote, if traffic keeps its pace: the
+        interval's half-width now, shrunk by sqrt(pairs now / pairs at the window's end),
+        minus the margin (the ramp only adds users, so this errs long). None before one
+        ramp period has passed or with fewer than `min_feedback` pairs (unit user only)."""
+        elapsed = now - self.started_at
+        pairs = int(self.pairs.n[0])
+        if self.policy.unit != "user" or elapsed < self.policy.ramp_every_s:
+            return None
+        if pairs < max(2, self.policy.min_feedback):
+            return None
+        _, low, high = self.interval()
+        at_end = pairs + pairs / elapsed * max(0.0, self.policy.window_s - elapsed)
+        return (high - low) / 2 * math.sqrt(pairs / at_end) - self.policy.margin
+
     def settle(
         self, decision: str, reason: str, now: float | None = None, outcome: str = ""
     ) -> None:

@@ -88,6 +88,11 @@ CANARY_VERSION = Gauge("kaizen_canary_version", "Number N of the canary version 
 CANARY_SHARE = Gauge(
     "kaizen_canary_share", "Share of users the running canary serves now (the ramp raises it)"
 )
+CANARY_MIN_PROMOTABLE = Gauge(
+    "kaizen_canary_min_promotable_diff",
+    "Smallest reward gain over serving the running canary's window can still promote, "
+    "at the traffic seen so far (a sample-size forecast)",
+)
 CANARY_USERS = Gauge(
     "kaizen_canary_users",
     "Users whose observation the canary test has (final) or is still collecting (pending)",

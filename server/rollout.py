@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from kaizen.bucket import Buckets
@@ -52,6 +53,7 @@ class Rollout:
         self.rewards = rewards
         self.experiment: Experiment | None = None
         self.history: dict[str, Experiment] = {}  # every canary this process decided
+        self._forecast_said: set[str] = set()  # canaries whose window forecast was logged
         self._answers: collections.OrderedDict[str, tuple[str, int, float]] = (
             collections.OrderedDict()
         )  # response_id -> (version, words, created_at)
@@ -143,9 +145,38 @@ class Rollout:
                     _summary(e),
                 )
             self._export(e)
+            if not decision:
+                self._forecast(e, time.time() if now is None else now)
             if decision:
                 self._apply(e, decision, e.reason, by="test")
             return decision
+
+    def _forecast(self, e: Experiment, now: float) -> None:
+        """Say once per canary what its window can decide at this traffic (a sample-size
+        plan from the observed pace), and export it."""
+        smallest = e.forecast(now)
+        if smallest is None:
+            return
+        metrics.CANARY_MIN_PROMOTABLE.set(smallest)
+        if e.canary in self._forecast_said:
+            return
+        self._forecast_said.add(e.canary)
+        p = e.policy
+        level = logging.WARNING if smallest > p.margin else logging.INFO
+        log.log(
+            level,
+            "canary %s: at this pace (%s) its window (%.0f s) can promote it only if it "
+            "is better than %s by %+.3f or more%s",
+            e.canary,
+            _summary(e),
+            p.window_s,
+            e.serving,
+            smallest,
+            "; smaller gains will be rolled back undecided: more traffic, a longer "
+            "--canary-window-s or a larger --canary-max-share would resolve them"
+            if smallest > p.margin
+            else "",
+        )
 
     def _export(self, e: Experiment) -> None:
         diff, low, high = e.interval()

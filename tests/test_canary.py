@@ -167,3 +167,23 @@ def test_the_ramp_raises_the_share_only_while_the_canary_does_not_look_worse():
         bad.decide(now=now)
         shares.append((good.share, bad.share))
     assert shares == [(0.1, 0.1), (0.2, 0.1), (0.4, 0.1), (0.5, 0.1), (0.5, 0.1)]
+
+
+def test_the_window_forecast_says_how_large_a_gain_this_traffic_can_show():
+    policy = CanaryPolicy(user_answers=1, ramp_every_s=100.0, window_s=1000.0, min_feedback=5)
+    rng = random.Random(1)
+
+    def experiment(users: int) -> Experiment:
+        e = Experiment("v2", "v1", policy, started_at=0.0)
+        for i in range(users):
+            for version in ("v2", "v1"):
+                r = 1.0 if rng.random() < 0.6 else -1.0
+                e.add(version, r, user=f"{version}-{i}", answer=f"{version}-a{i}", now=50.0)
+        return e
+
+    slow, fast = experiment(20), experiment(200)
+    assert slow.forecast(now=50.0) is None  # not one ramp period yet
+    at_slow, at_fast = slow.forecast(now=200.0), fast.forecast(now=200.0)
+    assert at_fast < at_slow  # more users by the window's end: smaller gains show
+    assert at_slow > policy.margin  # 20 pairs in 200 s: a 1,000 s window resolves little
+    assert Experiment("v2", "v1", replace(policy, unit="answer")).forecast(now=500.0) is None
