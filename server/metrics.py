@@ -21,6 +21,10 @@ FEEDBACK = Counter(
     "kaizen_feedback_events_total", "Feedback events, by kind and result", ["kind", "result"]
 )
 SERVING_VERSION = Gauge("kaizen_serving_version", "Number N of the version vN being served")
+REGISTRY_NEWEST = Gauge(
+    "kaizen_registry_newest_version",
+    "Number N of the newest version vN this server's registry watcher has seen published",
+)
 SWAPS = Counter(
     "kaizen_weight_swaps_total",
     "Hot swaps, by result (ok, corrupt, incompatible, failed)",

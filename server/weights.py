@@ -87,6 +87,7 @@ class RegistryWatcher:
         self.engine.install_staged()
 
     def check(self) -> None:
+        metrics.REGISTRY_NEWEST.set(version_number(self.registry.latest()))
         if self.rollout.busy:  # one canary at a time; the newest waiting one goes next
             return
         latest = self.registry.latest_servable()
