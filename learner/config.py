@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,16 @@ class LearnerConfig:
     )
     publish_every: int = option(24, "publish a new version after this many training examples")
     batch_size: int = option(8, "training examples per gradient step (a pair counts once)")
+    max_user_share: float = option(
+        0.25,
+        "influence cap: one end user's examples in one version, as a share of "
+        "--publish-every (at least one example; 1 = no cap)",
+    )
+    max_key_share: float = option(
+        1.0,
+        "influence cap: one API key's examples in one version, as a share of --publish-every "
+        "(1 = no cap: one frontend key often carries every user)",
+    )
     lr: float = option(3e-4, "AdamW learning rate for the LoRA adapter (and feedback head)")
     kl_coef: float = option(0.1, "β: weight of the per-token KL to the frozen base model")
     baseline: str = option(
@@ -82,6 +93,14 @@ class LearnerConfig:
             raise ValueError(f"--gate-holdout: must be in [0, 1), got {self.gate_holdout}")
         if not 0.5 < self.gate_confidence < 1:
             raise ValueError(f"--gate-confidence: must be in (0.5, 1), got {self.gate_confidence}")
+        for name in ("max_user_share", "max_key_share"):
+            if not 0 < getattr(self, name) <= 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag}: must be in (0, 1], got {getattr(self, name)}")
+
+    def cap(self, share: float) -> int:
+        """Examples one user (or key) may give one version under an influence cap."""
+        return max(1, math.floor(share * self.publish_every))
 
 
 @dataclass(frozen=True)

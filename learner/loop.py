@@ -195,6 +195,7 @@ class Learner:
         self._published = self._snapshot()  # what a tripped guard goes back to
         self._rollout_stamp: int | None = None  # the rollout records last looked at
         # the gate's slice: (answer, reward) of held-out events, newest last; not persisted
+        self._reset_caps()
         self.heldout: collections.deque[tuple[Answer, float]] = collections.deque(
             maxlen=config.gate_window
         )
@@ -255,10 +256,37 @@ class Learner:
             metrics.EXAMPLES.labels(
                 type(example).__name__.lower(), str(isinstance(example, uses)).lower()
             ).inc()
-            if isinstance(example, uses):
+            if isinstance(example, uses) and self._within_caps(fb):
                 if not self.pending:
                     self.first_pending_at = time.monotonic()
                 self.pending.append(example)
+
+    def _reset_caps(self) -> None:
+        """A new version's window: every user and key may give it their share again."""
+        self.window_users: collections.Counter[str] = collections.Counter()
+        self.window_keys: collections.Counter[str] = collections.Counter()
+        self.window_capped: collections.Counter[str] = collections.Counter()  # by user|key
+
+    def _within_caps(self, fb: Feedback) -> bool:
+        """Count one example towards its sender's influence caps, or drop it (False) when
+        the user, or the API key it came through, already gave this version its share:
+        no one person or client moves a version more than --max-user-share /
+        --max-key-share of it, however much feedback they send. The counts start again
+        at every publish (and at a restart: a cap per process and version)."""
+        c = self.config
+        key = fb.source if fb.source.startswith("key:") else ""
+        if c.max_user_share < 1 and self.window_users[fb.user_id] >= c.cap(c.max_user_share):
+            by = "user"
+        elif key and c.max_key_share < 1 and self.window_keys[key] >= c.cap(c.max_key_share):
+            by = "key"
+        else:
+            self.window_users[fb.user_id] += 1
+            if key:
+                self.window_keys[key] += 1
+            return True
+        self.window_capped[by] += 1
+        metrics.CAPPED.labels(by).inc()
+        return False
 
     def fill(self) -> None:
         """Read events after the cursors until a batch is full or the buffer is drained."""
@@ -611,6 +639,20 @@ class Learner:
             "window_mean_reward": sum(rewards) / len(rewards) if rewards else None,
         }
         window["window_held_out"] = self.progress.window_held_out
+        window["window_users"] = len(self.window_users)
+        window["window_capped"] = dict(self.window_capped)
+        if self.window_capped:
+            log.info(
+                "influence caps dropped %d examples from this version (%s): at most %d per "
+                "user (--max-user-share %s), %d per key; %d users gave it examples",
+                sum(self.window_capped.values()),
+                ", ".join(f"{n} over the {by} cap" for by, n in self.window_capped.items()),
+                self.config.cap(self.config.max_user_share),
+                self.config.max_user_share,
+                self.config.cap(self.config.max_key_share),
+                len(self.window_users),
+            )
+        self._reset_caps()
         self.progress.window_rewards = []
         self.progress.window_examples = 0
         self.progress.window_held_out = 0

@@ -53,6 +53,11 @@ DROPPED_DELETED = Counter(
     "Examples left out of a step because their answers left the buffer (forgotten, retention)",
 )
 PROBE_KL = Gauge("kaizen_learner_probe_kl", "Mean per-token KL to the base on the probe set")
+CAPPED = Counter(
+    "kaizen_learner_examples_capped_total",
+    "Examples dropped because their user or API key already gave this version its share",
+    ["by"],
+)
 REJECTED = Counter("kaizen_learner_versions_rejected_total", "Candidates a guard refused")
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")
 VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN published or resumed")

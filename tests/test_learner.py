@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,14 +136,14 @@ def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
     assert (token_kl(logits, torch.randn(2, 5, 11))[:, 1:] > 0).all()
 
 
-def make_generation(tokenizer, response_id: str, answer: str) -> Generation:
+def make_generation(tokenizer, response_id: str, answer: str, user: str = "u") -> Generation:
     from kaizen.modeling import chat_prompt_ids
 
     messages = [{"role": "user", "content": "Say something."}]
     response = tokenizer.encode(answer, add_special_tokens=False) + [2]
     return Generation(
         response_id=response_id,
-        user_id="u",
+        user_id=user,
         request_id="",
         model_version="v0",
         messages=messages,
@@ -169,6 +171,7 @@ def learner_config(tiny_model, tmp_path):
         batch_wait_s=0.0,
         poll_s=0.05,
         gate_holdout=0.0,  # every event trains; the gate's own tests hold some out
+        max_user_share=1.0,  # one simulated user sends everything; the caps' test sets it
     )
 
 
@@ -388,3 +391,41 @@ def test_an_operator_promotion_of_another_version_is_followed(learner_config, ca
     registry.record_rollout("v1", PROMOTED, "v2 confuses users", by="operator")
     learner.follow_servers()
     assert learner.version == "v1" and "an operator promoted v1" in caplog.text
+
+
+def test_no_one_user_or_key_gives_a_version_more_than_its_share(learner_config, caplog):
+    """A flood from one user (or through one key) trains at most its cap per version;
+    the rest is dropped, counted, logged; the next version gives them a new share."""
+    config = replace(learner_config, publish_every=8, batch_size=8, max_user_share=0.25)
+
+    def thumb(buffer, tokenizer, i: int, user: str, source: str = "") -> None:
+        buffer.append_generation(make_generation(tokenizer, f"r{i}", f"Answer {i}.", user))
+        buffer.append_feedback(
+            [Feedback(f"e{i}", f"r{i}", user, FeedbackKind.THUMB, 1, source=source)]
+        )
+
+    learner = Learner(config)
+    for i in range(10):
+        thumb(learner.buffer, learner.tokenizer, i, "flooder")
+    for i in range(10, 14):
+        thumb(learner.buffer, learner.tokenizer, i, f"honest-{i}")
+    learner.fill()
+    owners = learner.buffer.owners([ex.answer.source for ex in learner.pending])
+    by_user = collections.Counter(owners.values())
+    assert by_user["flooder"] == 2  # 0.25 × 8
+    assert all(by_user[f"honest-{i}"] == 1 for i in range(10, 14))
+    assert learner.window_capped == {"user": 8}
+    caplog.set_level("INFO", logger="learner.loop")
+    learner.train_pending()
+    learner.publish()
+    assert "influence caps dropped 8 examples" in caplog.text
+    assert Registry(config.registry).manifest("v1").metadata["window_capped"] == {"user": 8}
+    assert learner.window_capped == {}  # a new version: a new share
+    learner.buffer.close()
+
+    # one API key carrying many users: the key's cap (0.5 × 8), each user under theirs
+    keyed = Learner(replace(config, max_user_share=1.0, max_key_share=0.5))
+    for i in range(14, 24):
+        thumb(keyed.buffer, keyed.tokenizer, i, f"u{i}", source="key:partner")
+    keyed.fill()
+    assert len(keyed.pending) == 4 and keyed.window_capped == {"key": 6}

@@ -40,6 +40,7 @@ def config(tiny_model, tmp_path):
         batch_wait_s=0.0,
         poll_s=0.05,
         gate_holdout=0.0,  # every event trains; the gate's own tests hold some out
+        max_user_share=1.0,  # few simulated users; the influence caps have their own test
     )
 
 

@@ -20,6 +20,7 @@ def server_learner(server, serve_config, tiny_model):
         batch_size=8,
         metrics_port=-1,
         gate_holdout=0.0,
+        max_user_share=1.0,  # few simulated users; the influence caps have their own test
     )
     learner = Learner(config, buffer=SQLiteBuffer(server.buffer.path))
     yield learner

@@ -4,7 +4,9 @@ it, nothing is stored, other users are unaffected, a reconnect does not reset it
 from __future__ import annotations
 
 import dataclasses
+import math
 import sqlite3
+import time
 
 import grpc
 import pytest
@@ -64,6 +66,7 @@ def test_one_user_over_the_feedback_limit_is_refused_and_others_are_not(
         counted = limited("user_feedback_per_min")
         rss_before = rss_kb()
         codes = []
+        started = time.monotonic()
         for i in range(10 * limit):
             try:
                 fb.SubmitFeedback(
@@ -74,13 +77,14 @@ def test_one_user_over_the_feedback_limit_is_refused_and_others_are_not(
                 codes.append(exc.code().name)
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     assert exc.details().startswith("user_feedback_per_min:"), exc.details()
+        refilled = math.ceil(limit / 60 * (time.monotonic() - started))  # a loaded machine
         rss_after = rss_kb()
         accepted = codes.count("OK")
         print(f"accepted {accepted} of {len(codes)}; RSS {rss_before} -> {rss_after} kB")
         # the first minute's allowance, plus what refilled while the loop ran
-        assert limit <= accepted < limit + 10, accepted
+        assert limit <= accepted <= limit + refilled, (accepted, refilled)
         assert codes[:limit] == ["OK"] * limit
-        assert set(codes[limit + 10 :]) == {"RESOURCE_EXHAUSTED"}
+        assert codes.count("RESOURCE_EXHAUSTED") == len(codes) - accepted
         assert limited("user_feedback_per_min") >= counted + 10 * limit - accepted
         assert feedback_rows(serve_config) == accepted  # nothing refused was stored
         ack = fb.SubmitFeedback(
