@@ -37,6 +37,7 @@ from server.config import ServeConfig
 from server.convert import Limits
 from server.engine import Engine
 from server.health import HealthWatch
+from server.http import HttpDoor
 from server.interceptor import ErrorInterceptor
 from server.limits import Limiter
 from server.retention import Retention
@@ -65,12 +66,17 @@ class RunningServer:
     health: HealthWatch
     _metrics_http: object
     retention: Retention | None = None
+    http: HttpDoor | None = None  # the OpenAI-compatible door (--http-port); .port
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Turn health NOT_SERVING, refuse new RPCs (UNAVAILABLE), let the ones in flight
-        finish for up to `grace_s` (--drain-timeout-s), then release everything."""
+        """Turn health NOT_SERVING, refuse new RPCs (UNAVAILABLE) and HTTP connections,
+        let the ones in flight finish for up to `grace_s` (--drain-timeout-s), then release
+        everything."""
         self.health.stop()
-        self.grpc_server.stop(grace_s).wait()
+        drained = self.grpc_server.stop(grace_s)  # drains in the background
+        if self.http is not None:
+            self.http.stop(grace_s)
+        drained.wait()
         if self.retention is not None:
             self.retention.stop()
         self.watcher.stop()
@@ -174,30 +180,26 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         max_feedback_text_chars=config.max_feedback_text_chars,
     )
     limiter = Limiter(config.rate_limits())
+    auth_interceptor = AuthInterceptor(auth)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="kaizen-rpc"),
-        interceptors=[ErrorInterceptor(), AuthInterceptor(auth)],
+        interceptors=[ErrorInterceptor(), auth_interceptor],
     )
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatService(engine, tokenizer, stop_ids, buffer, limits, rollout, limiter), server
+    chat = ChatService(engine, tokenizer, stop_ids, buffer, limits, rollout, limiter)
+    feedback = FeedbackService(buffer, rollout, limits, limiter, config.max_feedback_stream_bytes)
+    model_service = ModelService(
+        engine,
+        rollout,
+        registry,
+        watcher.rejected,
+        info.name,
+        str(config.model),
+        time.time(),
+        buffer,
     )
-    feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
-        FeedbackService(buffer, rollout, limits, limiter, config.max_feedback_stream_bytes),
-        server,
-    )
-    model_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelService(
-            engine,
-            rollout,
-            registry,
-            watcher.rejected,
-            info.name,
-            str(config.model),
-            time.time(),
-            buffer,
-        ),
-        server,
-    )
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+    feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(feedback, server)
+    model_pb2_grpc.add_ModelServiceServicer_to_server(model_service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -213,6 +215,23 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
     metrics_http, _ = prometheus_client.start_http_server(
         config.metrics_port, addr=config.metrics_host
     )
+    http = None
+    if config.http_port >= 0:  # the same servicers and credentials behind an HTTP door
+        http = HttpDoor(
+            chat,
+            feedback,
+            model_service,
+            auth_interceptor,
+            workers=config.workers,
+            max_in_flight=config.workers + config.max_queue,
+        )
+        http.start(
+            config.http_host,
+            config.http_port,
+            config.tls_cert,
+            config.tls_key,
+            config.tls_client_ca,
+        )
     server.start()
     watch = HealthWatch(health_servicer, ("", *SERVICES), engine, config.stuck_after_s)
     watch.start()
@@ -231,6 +250,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         watch,
         metrics_http,
         retention,
+        http,
     )
 
 
@@ -238,9 +258,13 @@ def serve(config: ServeConfig, jwt_secret: bytes | None = None) -> int:
     running = start(config, jwt_secret)
     tls = "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
     auth = "NO AUTH" if config.insecure_no_auth else "auth on"
+    http = ""
+    if running.http is not None:
+        scheme = "https" if config.tls_cert else "http"
+        http = f", OpenAI-compatible HTTP on {scheme}://{config.http_host}:{running.http.port}/v1"
     print(
-        f"kaizen serve: gRPC on {config.host}:{running.port} ({tls}, {auth}), metrics on "
-        f"http://{config.metrics_host}:{running.metrics_port}/metrics, serving "
+        f"kaizen serve: gRPC on {config.host}:{running.port} ({tls}, {auth}){http}, metrics "
+        f"on http://{config.metrics_host}:{running.metrics_port}/metrics, serving "
         f"{running.engine.version}",
         flush=True,
     )

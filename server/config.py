@@ -22,6 +22,14 @@ class ServeConfig:
         "address /metrics listens on; keep it off the public network (e.g. the pod's own "
         "address for a Prometheus in the cluster)",
     )
+    http_port: int = option(
+        -1,
+        "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/models, /v1/feedback), beside "
+        "gRPC with the same credentials; 0 picks a free one, -1 none",
+    )
+    http_host: str = option(
+        "127.0.0.1", "address the HTTP port listens on (0.0.0.0 for all interfaces)"
+    )
     auth_keys: Path | None = option(
         None, "API keys file (`kaizen auth key create --keys FILE`); re-read when it changes"
     )
@@ -136,6 +144,12 @@ class ServeConfig:
             )
         if self.canary_margin < 0:
             raise ValueError(f"--canary-margin: must be 0 or more, got {self.canary_margin}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(
+                f"--http-port: -1 (none), 0 (any free one) or a port, got {self.http_port}"
+            )
+        if self.http_port >= 0 and not self.http_host:
+            raise ValueError("--http-host: an address to listen on, e.g. 127.0.0.1")
         self.rate_limits()  # each limit positive
         if self.retention_days < 0:
             raise ValueError(f"--retention-days: 0 or more, got {self.retention_days}")

@@ -65,6 +65,10 @@ class _Answer:
     finish_reason: str = ""
 
 
+def new_response_id() -> str:
+    return f"r-{uuid.uuid4().hex}"
+
+
 class TextStream:
     """Turns a growing list of tokens into text deltas, holding back split UTF-8 characters."""
 
@@ -106,7 +110,11 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self.limiter = limiter
         self.request_timeout_s = request_timeout_s
 
-    def _start(self, request: chat_pb2.GenerateRequest, context: grpc.ServicerContext):
+    def start(
+        self, request: chat_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> tuple[str, list[dict[str, str]], Request]:
+        """Check a chat request (as its principal may send it, within its limits) and queue
+        it for the batch: (the acting user, the messages, the job)."""
         check_request_ids(request)
         user = acting_user(context.principal, request.user_id)
         messages = messages_from_pb(request)
@@ -180,10 +188,17 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 raise event.error
 
     def _record(
-        self, request, user: str, messages, job: Request, answer: _Answer, text: str
+        self,
+        request,
+        user: str,
+        messages,
+        job: Request,
+        answer: _Answer,
+        text: str,
+        response_id: str,
     ) -> Generation:
         generation = Generation(
-            response_id=f"r-{uuid.uuid4().hex}",
+            response_id=response_id,
             user_id=user,
             request_id=request.request_id,
             model_version=answer.version,
@@ -204,14 +219,14 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         return generation
 
     def Generate(self, request, context):
-        user, messages, job = self._start(request, context)
+        user, messages, job = self.start(request, context)
         answer = _Answer([], [])
         for _ in self._events(job, answer):
             pass
         text = self.tokenizer.decode(
             [t for t in answer.tokens if t not in self.stop_ids], skip_special_tokens=True
         )
-        g = self._record(request, user, messages, job, answer, text)
+        g = self._record(request, user, messages, job, answer, text, new_response_id())
         return chat_pb2.GenerateResponse(
             response_id=g.response_id,
             text=g.text,
@@ -222,14 +237,26 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         )
 
     def GenerateStream(self, request, context):
-        user, messages, job = self._start(request, context)
+        started = self.start(request, context)
+        yield from self.stream(request, started, new_response_id())
+
+    def stream(
+        self,
+        request: chat_pb2.GenerateRequest,
+        started: tuple[str, list[dict[str, str]], Request],
+        response_id: str,
+    ) -> Iterator[chat_pb2.GenerateChunk]:
+        """The chunks of a `start`ed request: text deltas, then the last chunk with the
+        answer's fields. The caller picks `response_id`, so it knows the id the answer
+        will be logged under before the first token (the HTTP door's chunks carry it)."""
+        user, messages, job = started
         answer = _Answer([], [])
         stream = TextStream(self.tokenizer, self.stop_ids)
         for token_id in self._events(job, answer):
             delta = stream.push(token_id)
             if delta:
                 yield chat_pb2.GenerateChunk(text_delta=delta)
-        g = self._record(request, user, messages, job, answer, stream.text)
+        g = self._record(request, user, messages, job, answer, stream.text, response_id)
         yield chat_pb2.GenerateChunk(
             done=True,
             response_id=g.response_id,
