@@ -150,11 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.set_defaults(func=_buffer_forget)
 
-    from kaizen import admin, auth, simulate
+    from kaizen import admin, auth, chat, simulate
 
     simulate.add_parser(commands)
     auth.add_parser(commands)
     admin.add_parser(commands)
+    chat.add_parser(commands)
 
     for ep in sorted(entry_points(group="kaizen.commands"), key=lambda e: e.name):
         ep.load()(commands)
