@@ -128,14 +128,21 @@ class ReplayBuffer(Protocol):
 
 
 def open_buffer(url: str, must_exist: bool = False, **options: int) -> ReplayBuffer:
-    """Open a buffer by URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`.
+    """Open a buffer by URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`,
+    or Redis Streams at `redis://HOST:PORT/DB` (`rediss://` for TLS; see kaizen.redis_buffer).
     A new one is created unless `must_exist` (readers of logs that should be there)."""
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         if must_exist and not path.is_file():
             raise ValueError(f"--buffer: {path} does not exist")
         return SQLiteBuffer(path, **options)
-    raise ValueError(f"--buffer: unsupported URL {url!r}; expected sqlite:///PATH")
+    if url.startswith(("redis://", "rediss://")):
+        from kaizen.redis_buffer import open_redis
+
+        return open_redis(url, must_exist, **options)
+    raise ValueError(
+        f"--buffer: unsupported URL {url!r}; expected sqlite:///PATH or redis://HOST:PORT/DB"
+    )
 
 
 class _Job:
@@ -269,7 +276,7 @@ class SQLiteBuffer:
         sql = """
             SELECT f.seq AS f_seq, f.event_id, f.response_id AS f_response_id,
                    f.user_id AS f_user_id, f.kind, f.value, f.text AS f_text, f.received_at,
-                   g.*
+                   f.source AS f_source, g.*
             FROM feedback f JOIN generations g ON g.response_id = f.response_id
             WHERE f.seq > ? AND f.state = 'active' ORDER BY f.seq LIMIT ?
         """
@@ -286,6 +293,7 @@ class SQLiteBuffer:
                     value=r["value"],
                     text=r["f_text"],
                     received_at=r["received_at"],
+                    source=r["f_source"],
                 ),
                 generation=Generation.from_row(dict(r)),
             )
@@ -435,6 +443,25 @@ def user_sha256(user_id: str) -> str:
     return hashlib.sha256(user_id.encode()).hexdigest()
 
 
+# Why an event is refused; every backend raises these, so the messages cannot drift apart.
+
+
+def conflicting_event(ev: Feedback) -> AlreadyExists:
+    return AlreadyExists(f"event_id: {ev.event_id!r} was already stored with another payload")
+
+
+def forgotten_sender(ev: Feedback) -> FailedPrecondition:
+    return FailedPrecondition(
+        "user_id", f"this user was forgotten; event {ev.event_id!r} is not stored"
+    )
+
+
+def unknown_answer(ev: Feedback) -> NotFound:
+    return NotFound(
+        f"response_id: unknown response_id {ev.response_id!r} (event_id {ev.event_id!r})"
+    )
+
+
 def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreResult:
     new: list[bool] = []
     superseded = 0
@@ -446,24 +473,18 @@ def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreR
         ).fetchone()
         if old is not None:
             if old[0] != digest:
-                raise AlreadyExists(
-                    f"event_id: {ev.event_id!r} was already stored with another payload"
-                )
+                raise conflicting_event(ev)
             new.append(False)
             continue
         if conn.execute(
             "SELECT 1 FROM forgotten WHERE user_sha256 = ?", (user_sha256(ev.user_id),)
         ).fetchone():
-            raise FailedPrecondition(
-                "user_id", f"this user was forgotten; event {ev.event_id!r} is not stored"
-            )
+            raise forgotten_sender(ev)
         known = conn.execute(
             "SELECT 1 FROM generations WHERE response_id = ?", (ev.response_id,)
         ).fetchone()
         if known is None:
-            raise NotFound(
-                f"response_id: unknown response_id {ev.response_id!r} (event_id {ev.event_id!r})"
-            )
+            raise unknown_answer(ev)
         conn.execute(
             "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
             " payload_sha256, received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
