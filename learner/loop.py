@@ -470,6 +470,12 @@ class Learner:
         metrics.SINCE_PUBLISH.labels("held_out").set(self.progress.window_held_out)
         metrics.PENDING.set(len(self.pending))
 
+    def _show_lag(self) -> None:
+        """How far the learner is behind the buffer, for the operators' lag panel."""
+        head = self.buffer.last_seq()
+        metrics.BUFFER_HEAD.set(head)
+        metrics.EVENTS_BEHIND.set(max(0, head - self.progress.cursor))
+
     def waiting(self) -> str:
         """Why an idle learner has not published: what it has, and what it waits for."""
         p, n = self.progress, self.config.publish_every
@@ -696,6 +702,7 @@ class Learner:
                     staging / STATE_FILE,
                 )
         published = self.registry.latest()
+        metrics.LAST_PUBLISH.set(time.time())
         if reason:
             self._restore()
             self.progress.rejected += 1
@@ -807,6 +814,7 @@ class Learner:
             self.follow_servers()
             self.fill()
             self._show_window()
+            self._show_lag()
             trained = self.ready(self.config.batch_wait_s)
             if trained:
                 self.train_pending()

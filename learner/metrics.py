@@ -58,6 +58,19 @@ CAPPED = Counter(
     "Examples dropped because their user or API key already gave this version its share",
     ["by"],
 )
+for _by in ("user", "key"):  # so the first capped example is a change increase() sees
+    CAPPED.labels(_by)
+BUFFER_HEAD = Gauge(
+    "kaizen_learner_buffer_head", "Sequence number of the newest feedback event in the buffer"
+)
+EVENTS_BEHIND = Gauge(
+    "kaizen_learner_events_behind",
+    "Feedback events in the buffer after the learner's cursor (not yet in any version)",
+)
+LAST_PUBLISH = Gauge(
+    "kaizen_learner_last_publish_timestamp_seconds",
+    "Unix time of the learner's last publish (rejected candidates included); 0 = none yet",
+)
 REJECTED = Counter("kaizen_learner_versions_rejected_total", "Candidates a guard refused")
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")
 VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN published or resumed")

@@ -208,8 +208,7 @@ class Rollout:
 
     def _end(self, e: Experiment, decision: str, by: str) -> None:
         metrics.CANARY_DECISIONS.labels(decision, by).inc()
-        metrics.CANARY_VERSION.set(0)
-        metrics.CANARY_SHARE.set(0)
+        _clear_canary_gauges()
         self.history[e.canary] = e
         self.experiment = None
 
@@ -219,8 +218,7 @@ class Rollout:
         if e is None:
             return
         self.engine.drop_canary(e.canary)
-        metrics.CANARY_VERSION.set(0)
-        metrics.CANARY_SHARE.set(0)
+        _clear_canary_gauges()
         self.experiment = None
         log.info("canary %s stopped without a verdict: %s", e.canary, why)
 
@@ -326,3 +324,16 @@ def _summary(e: Experiment) -> str:
     diff, low, high = e.interval()
     c, s = e.arms[e.canary], e.arms[e.serving]
     return f"{c.n} / {s.n} users, Δ {diff:+.3f}, interval [{low:+.3f}, {high:+.3f}]"
+
+
+def _clear_canary_gauges() -> None:
+    """No canary runs: none of its gauges keeps the last one's figures."""
+    metrics.CANARY_VERSION.set(0)
+    metrics.CANARY_SHARE.set(0)
+    metrics.CANARY_MIN_PROMOTABLE.set(0)
+    for arm in ("canary", "serving"):
+        metrics.CANARY_MEAN_REWARD.labels(arm).set(0)
+        for state in ("final", "pending"):
+            metrics.CANARY_USERS.labels(arm, state).set(0)
+    for bound in ("estimate", "low", "high"):
+        metrics.CANARY_DIFF.labels(bound).set(0)
