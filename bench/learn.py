@@ -25,10 +25,10 @@ from bench.config import LearnBench
 from bench.load import kaizen_server, say
 from bench.swap import wait_serving_version
 from kaizen import modeling
-from kaizen.demo import start_kaizen
-from kaizen.preferences import load_preference
 from kaizen.registry import BASE_VERSION, Registry, version_number
-from kaizen.simulate import Simulator, Tally, heldout_answers, load_prompts
+from kaizen.sim.demo import start_kaizen
+from kaizen.sim.preferences import load_preference
+from kaizen.sim.simulate import Simulator, Tally, heldout_answers, load_prompts
 from learner.objectives import token_kl
 from learner.replay import general_text_windows, perplexity
 

@@ -23,7 +23,7 @@ import grpc
 
 from kaizen.auth import local_key
 from kaizen.client import connect
-from kaizen.demo import free_port, start_kaizen, wait_serving
+from kaizen.sim.demo import free_port, start_kaizen, wait_serving
 from kaizen.v1 import chat_pb2, chat_pb2_grpc
 
 # Short, varied questions: prompts of different lengths exercise the left padding.

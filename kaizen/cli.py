@@ -28,7 +28,7 @@ def _model_prepare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kaizen.demo import run_demo
+    from kaizen.sim.demo import run_demo
 
     try:
         return run_demo(
@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.set_defaults(func=_buffer_forget)
 
-    from kaizen import admin, auth, chat, simulate
+    from kaizen import auth
+    from kaizen.client import admin, chat
+    from kaizen.sim import simulate
 
     simulate.add_parser(commands)
     auth.add_parser(commands)

@@ -13,8 +13,8 @@ import torch
 from kaizen import modeling
 from kaizen.auth import local_key
 from kaizen.client import connect
-from kaizen.demo import free_port  # noqa: F401 - shared with the tests
 from kaizen.registry import Registry
+from kaizen.sim.demo import free_port  # noqa: F401 - shared with the tests
 from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2_grpc, model_pb2_grpc
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from kaizen.demo import free_port
+from kaizen.sim.demo import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")

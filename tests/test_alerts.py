@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kaizen.demo import free_port
+from kaizen.sim.demo import free_port
 from tests.conftest import wait_until
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"

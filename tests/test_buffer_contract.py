@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from kaizen import redis_buffer
 from kaizen.buffer import ReplayBuffer, open_buffer
-from kaizen.demo import free_port
+from kaizen.buffer import redis as redis_buffer
 from kaizen.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -27,6 +26,7 @@ from kaizen.errors import (
     Unavailable,
 )
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
+from kaizen.sim.demo import free_port
 from tests.redis_server import DURABLE, redis_server_fixture, start_redis  # noqa: F401
 
 THUMB, COPY, RATING, COMMENT = (

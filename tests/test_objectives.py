@@ -11,8 +11,8 @@ import torch
 
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.modeling import chat_prompt_ids
-from kaizen.preferences import concise, follow_up, likes_concise, likes_follow_up
 from kaizen.registry import PROMOTED, ROLLED_BACK, Registry
+from kaizen.sim.preferences import concise, follow_up, likes_concise, likes_follow_up
 from learner import metrics
 from learner.config import LearnerConfig
 from learner.examples import Answer, Pair, Scored, Shaper, Target, collate

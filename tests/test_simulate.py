@@ -9,7 +9,7 @@ import pytest
 
 from kaizen.cli import main
 from kaizen.events import FeedbackKind
-from kaizen.preferences import (
+from kaizen.sim.preferences import (
     Reaction,
     concise,
     follow_up,
@@ -18,7 +18,7 @@ from kaizen.preferences import (
     load_preference,
     react,
 )
-from kaizen.simulate import Simulator, liked_rate, load_prompts
+from kaizen.sim.simulate import Simulator, liked_rate, load_prompts
 
 
 def always_thumbs_up(prompt: str, answer: str, rng: random.Random) -> list[Reaction]:

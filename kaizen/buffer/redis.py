@@ -59,7 +59,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import OutOfMemoryError
 from redis.retry import Retry
 
-from kaizen.buffer import (
+from kaizen.buffer.base import (
     ACTIVE,
     SUPERSEDED,
     WITHDRAWN,

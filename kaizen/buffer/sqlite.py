@@ -8,7 +8,6 @@ acknowledged once it is durable, and under load many events share one fsync.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import sqlite3
@@ -16,21 +15,29 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
+from kaizen.buffer.base import (
+    ACTIVE,
+    SUPERSEDED,
+    WITHDRAWN,
+    Forgotten,
+    Sample,
+    StoreResult,
+    conflicting_event,
+    forgotten_sender,
+    unknown_answer,
+    user_sha256,
+)
 from kaizen.errors import (
-    AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     Unavailable,
 )
 from kaizen.events import Feedback, FeedbackKind, Generation
 
 log = logging.getLogger(__name__)
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -71,78 +78,6 @@ CREATE TABLE IF NOT EXISTS forgotten (
     forgotten_at REAL NOT NULL
 );
 """
-ACTIVE, SUPERSEDED, WITHDRAWN = "active", "superseded", "withdrawn"
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A feedback event joined to the answer it is about."""
-
-    seq: int  # the feedback's position in the buffer; the learner's cursor
-    feedback: Feedback
-    generation: Generation
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    new: tuple[bool, ...]  # per event, in order: True if stored now, False if a duplicate
-    superseded: int = 0  # earlier events of the same (user, answer, kind) replaced
-
-    @property
-    def accepted(self) -> int:
-        return sum(self.new)
-
-    @property
-    def duplicates(self) -> int:
-        return len(self.new) - sum(self.new)
-
-
-class ReplayBuffer(Protocol):
-    """What the server writes to and the learner reads from."""
-
-    def append_generation(self, generation: Generation) -> None: ...
-
-    def append_feedback(self, events: Sequence[Feedback]) -> StoreResult: ...
-
-    def read_samples(self, after_seq: int, limit: int) -> list[Sample]: ...
-
-    def read_answers(
-        self, after_seq: int, created_before: float, limit: int
-    ) -> list[tuple[int, Generation, bool]]: ...
-
-    def last_seq(self) -> int: ...
-
-    def generation(self, response_id: str) -> Generation | None: ...
-
-    def owners(self, response_ids: Sequence[str]) -> dict[str, str]: ...
-
-    def withdraw(self, response_id: str, user_id: str, kind: str = "") -> int: ...
-
-    def forget_user(self, user_id: str) -> Forgotten: ...
-
-    def delete_before(self, created_before: float) -> tuple[int, int]: ...
-
-    def feedback_states(self) -> dict[str, int]: ...
-
-    def close(self) -> None: ...
-
-
-def open_buffer(url: str, must_exist: bool = False, **options: int) -> ReplayBuffer:
-    """Open a buffer by URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`,
-    or Redis Streams at `redis://HOST:PORT/DB` (`rediss://` for TLS; see kaizen.redis_buffer).
-    A new one is created unless `must_exist` (readers of logs that should be there)."""
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if must_exist and not path.is_file():
-            raise ValueError(f"--buffer: {path} does not exist")
-        return SQLiteBuffer(path, **options)
-    if url.startswith(("redis://", "rediss://")):
-        from kaizen.redis_buffer import open_redis
-
-        return open_redis(url, must_exist, **options)
-    raise ValueError(
-        f"--buffer: unsupported URL {url!r}; expected sqlite:///PATH or redis://HOST:PORT/DB"
-    )
 
 
 class _Job:
@@ -405,13 +340,6 @@ class SQLiteBuffer:
             self._reader.close()
 
 
-@dataclass(frozen=True)
-class Forgotten:
-    answers: int  # answers deleted
-    feedback: int  # feedback events deleted
-    already: bool  # the user had been forgotten before
-
-
 def _forget(conn: sqlite3.Connection, user_id: str) -> Forgotten:
     digest = user_sha256(user_id)
     already = conn.execute("SELECT 1 FROM forgotten WHERE user_sha256 = ?", (digest,)).fetchone()
@@ -436,29 +364,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute(f"ALTER TABLE feedback ADD COLUMN state TEXT NOT NULL DEFAULT '{ACTIVE}'")
     conn.execute(
         "CREATE INDEX IF NOT EXISTS feedback_signal ON feedback(response_id, user_id, kind)"
-    )
-
-
-def user_sha256(user_id: str) -> str:
-    return hashlib.sha256(user_id.encode()).hexdigest()
-
-
-# Why an event is refused; every backend raises these, so the messages cannot drift apart.
-
-
-def conflicting_event(ev: Feedback) -> AlreadyExists:
-    return AlreadyExists(f"event_id: {ev.event_id!r} was already stored with another payload")
-
-
-def forgotten_sender(ev: Feedback) -> FailedPrecondition:
-    return FailedPrecondition(
-        "user_id", f"this user was forgotten; event {ev.event_id!r} is not stored"
-    )
-
-
-def unknown_answer(ev: Feedback) -> NotFound:
-    return NotFound(
-        f"response_id: unknown response_id {ev.response_id!r} (event_id {ev.event_id!r})"
     )
 
 

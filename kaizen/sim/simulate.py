@@ -1,7 +1,7 @@
 """Simulated users: chat with a running `kaizen serve` and react through its feedback API.
 
 Users send prompts from a shipped prompt set over real gRPC, and a preference function
-(`kaizen.preferences`) turns each answer into the feedback events they send, with event
+(`kaizen.sim.preferences`) turns each answer into the feedback events they send, with event
 ids, through `StreamFeedback`. `liked_rate` measures a server on held-out prompts with
 fixed seeds: the share of answers the preference likes, by serving version.
 """
@@ -25,7 +25,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from kaizen.client import CREDENTIAL_ENV, connect, read_credential
 from kaizen.events import FeedbackKind
-from kaizen.preferences import Reaction
+from kaizen.sim.preferences import Reaction
 from kaizen.v1 import chat_pb2, chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc
 
 PROMPT_SETS = ("train", "heldout")
@@ -205,7 +205,7 @@ def liked_rate(
 
 
 def run_simulate(args) -> int:
-    from kaizen.preferences import load_preference
+    from kaizen.sim.preferences import load_preference
 
     try:
         for name in ("events", "users", "concurrency", "max_new_tokens"):
