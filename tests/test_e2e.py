@@ -16,6 +16,7 @@ import pytest
 from kaizen import protogen
 from kaizen.auth import local_key
 from tests.conftest import free_port
+from tests.redis_server import redis_server_fixture  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,13 +50,22 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> 
     pytest.fail(f"{url} did not answer:\n{log.read_text()}")
 
 
-def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp_path):
+@pytest.fixture(params=["sqlite", "redis"])
+def buffer_url(request, tmp_path) -> str:
+    """The whole loop on each buffer backend: SQLite, and Redis Streams (a real
+    redis-server; skipped with a reason where it is not installed)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/buffer.db"
+    return request.getfixturevalue("redis_server").url
+
+
+def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp_path, buffer_url):
     port, metrics_port, learner_port = free_port(), free_port(), free_port()
     common = [
         "--model",
         str(tiny_model),
         "--buffer",
-        f"sqlite:///{tmp_path}/buffer.db",
+        buffer_url,
         "--registry",
         str(tmp_path / "registry"),
     ]
