@@ -65,7 +65,7 @@ BET_CAP = 0.5  # c: a bet risks at most half the capital (λ⁺ ≤ c/m, λ⁻ �
 
 class BettingCS:
     """Anytime-valid confidence sequences for the means of `runs` independent streams of
-    observations in [lo, hi], all updated at once (the server keeps one per arm;
+    observations in [lo, hi], all updated at once (the server keeps one, for the pairs' differences;
     `kaizen bench canary` thousands).
 
     For every candidate mean m on a grid of [0, 1] (observations rescaled), two gamblers
