@@ -210,20 +210,17 @@ class UserArm:
         self.events = 0
         self.pending: dict[str, tuple[float, dict[str, list[float]]]] = {}  # user -> …
         self.final: set[str] = set()
-        self.total = 0.0  # Σ final observations
-        self.squares = 0.0
+        self.finals = Arm()  # running mean and variance of the final observations
 
     @property
     def n(self) -> int:
-        return len(self.final)
+        return self.finals.n
 
     def add(self, reward: float, user: str, answer: str, now: float) -> None:
         self.events += 1
         if user in self.final:
             return
-        first_at, answers = self.pending.setdefault(user, (now, {}))
-        if answer not in answers and len(answers) >= self.policy.user_answers:
-            return  # only its first answers count; the user is being finalised
+        _, answers = self.pending.setdefault(user, (now, {}))
         answers.setdefault(answer, [0.0, 0])
         answers[answer][0] += reward
         answers[answer][1] += 1
@@ -243,18 +240,15 @@ class UserArm:
         y = sum(total / k for total, k in answers.values()) / len(answers)
         self.unpaired.append(y)
         self.final.add(user)
-        self.total += y
-        self.squares += y * y
+        self.finals.add(y)
 
     @property
     def mean(self) -> float:
-        return self.total / self.n if self.n else 0.0
+        return self.finals.mean
 
     @property
     def variance(self) -> float:
-        if self.n < 2:
-            return 0.0
-        return max(0.0, (self.squares - self.n * self.mean**2) / (self.n - 1))
+        return self.finals.variance
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -264,9 +258,6 @@ class UserArm:
             "mean": round(self.mean, 4),
             "std": round(math.sqrt(self.variance), 4),
         }
-
-
-UNITS = ("user", "answer", "event")
 
 
 @dataclass(frozen=True)
