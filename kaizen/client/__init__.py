@@ -87,6 +87,25 @@ def read_credential(key_file: Path | None, environ: Mapping[str, str]) -> str | 
     return secret.decode() if secret is not None else None
 
 
+def add_connection_options(parser, credential: str) -> None:
+    """--target, --key-file and --ca, as every command that talks to a server takes them;
+    `credential` says what the key file holds (e.g. "the API key (scope admin)")."""
+    parser.add_argument("--target", default="127.0.0.1:50051", help="the server's gRPC address")
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help=f"file with {credential} (default: ${CREDENTIAL_ENV})",
+    )
+    parser.add_argument("--ca", default=None, help="PEM CA bundle: talk TLS to the server")
+
+
+def connection_options(args, environ: Mapping[str, str]) -> tuple[str | None, bytes | None]:
+    """(credential, root CA) from those options; ValueError or OSError when unreadable."""
+    credential = read_credential(args.key_file, environ)
+    return credential, Path(args.ca).read_bytes() if args.ca else None
+
+
 # -- the client library frontends import -------------------------------------------------
 
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import grpc
 
-from kaizen.client import CREDENTIAL_ENV, connect, read_credential
+from kaizen.client import CREDENTIAL_ENV, add_connection_options, connect, connection_options
 from kaizen.v1 import model_pb2, model_pb2_grpc
 
 
 def _stub(args) -> tuple[grpc.Channel, model_pb2_grpc.ModelServiceStub]:
-    credential = read_credential(args.key_file, dict(os.environ))
-    root_ca = Path(args.ca).read_bytes() if args.ca else None
+    credential, root_ca = connection_options(args, dict(os.environ))
     channel = connect(args.target, credential, root_ca=root_ca)
     return channel, model_pb2_grpc.ModelServiceStub(channel)
 
@@ -93,14 +91,7 @@ def add_parser(commands) -> None:
         description="Talk to a running `kaizen serve` as an operator. The credential "
         f"comes from --key-file or ${CREDENTIAL_ENV} (an API key with scope admin).",
     )
-    admin.add_argument("--target", default="127.0.0.1:50051", help="the server's gRPC address")
-    admin.add_argument(
-        "--key-file",
-        type=Path,
-        default=None,
-        help=f"file with the API key (default: ${CREDENTIAL_ENV})",
-    )
-    admin.add_argument("--ca", default=None, help="PEM CA bundle: talk TLS to the server")
+    add_connection_options(admin, "the API key")
     admin.add_argument("--timeout-s", type=float, default=30.0, help="per call (default: 30)")
     sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     sub.add_parser("info", help="the versions being served, since when").set_defaults(

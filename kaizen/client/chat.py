@@ -17,11 +17,16 @@ import os
 import sys
 import termios
 import tty
-from pathlib import Path
 
 import grpc
 
-from kaizen.client import CREDENTIAL_ENV, Answer, Client, read_credential
+from kaizen.client import (
+    CREDENTIAL_ENV,
+    Answer,
+    Client,
+    add_connection_options,
+    connection_options,
+)
 
 CONNECT_TIMEOUT_S = 15.0  # the first call, which checks the target and the credential
 KEYS = "keys: + good  - bad  1-5 rate  c comment  e correct it  r regenerate  Enter next"
@@ -181,8 +186,7 @@ class Session:
 
 def _chat(args) -> int:
     try:
-        credential = read_credential(args.key_file, dict(os.environ))
-        root_ca = Path(args.ca).read_bytes() if args.ca else None
+        credential, root_ca = connection_options(args, dict(os.environ))
     except (ValueError, OSError) as exc:
         print(f"kaizen chat: {exc}", file=sys.stderr)
         return 2
@@ -209,20 +213,13 @@ def add_parser(commands) -> None:
         "e correction, r regenerate; Enter for the next question). Ctrl-D or /quit leaves. "
         f"The credential comes from --key-file or ${CREDENTIAL_ENV} (scopes chat, feedback).",
     )
-    chat.add_argument("--target", default="127.0.0.1:50051", help="the server's gRPC address")
+    add_connection_options(chat, "the API key or user token")
     chat.add_argument(
         "--user",
         default="",
         help="the user id you chat and rate as (default: empty, which is a user token's own "
         "user; give one with an API key)",
     )
-    chat.add_argument(
-        "--key-file",
-        type=Path,
-        default=None,
-        help=f"file with the API key or user token (default: ${CREDENTIAL_ENV})",
-    )
-    chat.add_argument("--ca", default=None, help="PEM CA bundle: talk TLS to the server")
     chat.add_argument(
         "--max-new-tokens",
         type=int,
