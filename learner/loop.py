@@ -38,6 +38,7 @@ import torch
 from kaizen import modeling
 from kaizen.bucket import Buckets, load_or_create_secret
 from kaizen.buffer import ReplayBuffer, open_buffer
+from kaizen.errors import Unavailable
 from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import load_rewards, reward
@@ -293,7 +294,7 @@ class Learner:
         size = self.config.batch_size
         while len(self.pending) < size:
             # never read more rows than the batch can take, so nothing read is left over
-            rows = self.buffer.read_samples(self.read_cursor, size - len(self.pending))
+            rows = self.buffer.consume(self.read_cursor, size - len(self.pending))
             if not rows:
                 break
             for sample in rows:
@@ -719,6 +720,7 @@ class Learner:
             return None
         self.version = published
         self.progress.rejected = 0
+        self._acknowledge()
         self._published = self._snapshot()
         metrics.PUBLISHED.inc()
         metrics.VERSION.set(version_number(self.version))
@@ -732,6 +734,15 @@ class Learner:
             gate.get("difference_low", "not judged"),
         )
         return self.version
+
+    def _acknowledge(self) -> None:
+        """Tell the buffer that every event up to the cursor is in a published version
+        (XACK on Redis). Best effort: the cursor inside the version is what a restart
+        trusts, and the next publish acknowledges what this one could not."""
+        try:
+            self.buffer.commit(self.progress.cursor)
+        except Unavailable as exc:
+            log.warning("could not acknowledge events up to %d: %s", self.progress.cursor, exc)
 
     # -- following the servers ---------------------------------------------------------
 

@@ -284,6 +284,69 @@ def test_read_samples_pages_over_inactive_events_and_counts_only_active_ones(buf
     assert [s.generation.response_id for s in buffer.read_samples(0, 10)] == ["r1", "r2", "r2"]
 
 
+def _consume_all(buffer: ReplayBuffer, cursor: int, page: int = 1) -> list[int]:
+    """The learner's way through `consume`: a page at a time, after the last seq read."""
+    seen = []
+    while rows := buffer.consume(cursor, page):
+        seen += [s.seq for s in rows]
+        cursor = rows[-1].seq
+    return seen
+
+
+def test_consume_gives_the_learner_what_read_samples_gives(buffer):
+    buffer.append_generation(answer("r1"))
+    buffer.append_generation(answer("r2"))
+    buffer.append_feedback([event(f"t{i}", "r1", value=(-1) ** i) for i in range(7)])  # 1..7
+    buffer.append_feedback([event("x", "r2", kind=COPY)])  # 8
+    buffer.append_feedback([event("w", "r2", kind=RATING, value=5)])  # 9
+    buffer.withdraw("r2", "ann", "rating")
+    buffer.append_feedback([event("y", "r2", user="bob")])  # 10
+    assert _consume_all(buffer, 0) == [s.seq for s in buffer.read_samples(0, 100)] == [7, 8, 10]
+    assert buffer.consume(10, 5) == []
+    buffer.append_feedback([event("z", "r1", user="bob", kind=COPY)])  # 11: read when it comes
+    [late] = buffer.consume(10, 5)
+    assert (late.seq, late.feedback.event_id, late.generation.response_id) == (11, "z", "r1")
+    buffer.commit(11)  # nothing to see on SQLite; acknowledged on Redis (below)
+
+
+def test_redis_learner_group_acknowledges_only_what_a_version_covers(store):
+    """Events stay pending with the learner until a published cursor covers them; a
+    learner killed before it acknowledged leaves them to the next one, which is handed
+    every event after its cursor once and takes over the dead consumer's entries."""
+    if store.name != "redis":
+        pytest.skip("the consumer group is Redis'; SQLite's learner has only its cursor")
+    import redis
+
+    first = store.open()
+    for i in range(1, 7):
+        first.append_generation(answer(f"r{i}"))
+    first.append_feedback([event(f"e{i}", f"r{i}") for i in range(1, 7)])  # seqs 1..6
+    raw = redis.Redis.from_url(store.url, decode_responses=True)
+    key = "kaizen:feedback"
+
+    assert [s.seq for s in first.consume(0, 4)] == [1, 2, 3, 4]
+    assert raw.xpending(key, "learner")["pending"] == 4
+    first.commit(2)  # a version with cursor 2 was published
+    assert [p["message_id"] for p in raw.xpending_range(key, "learner", "-", "+", 10)] == [
+        "0-3",
+        "0-4",
+    ]
+    # the learner dies (no commit of 3, 4); the next one resumes from the cursor 2
+    second = store.open()
+    assert _consume_all(second, 2, page=2) == [3, 4, 5, 6]  # each once, none lost
+    consumers = raw.xinfo_consumers(key, "learner")
+    assert len(consumers) == 1 and consumers[0]["pending"] == 4  # the dead one is gone
+    pending = raw.xpending_range(key, "learner", "-", "+", 10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [
+        (f"0-{i}", consumers[0]["name"]) for i in range(3, 7)
+    ]
+    second.commit(6)
+    assert raw.xpending(key, "learner")["pending"] == 0
+    [group] = raw.xinfo_groups(key)
+    assert (group["last-delivered-id"], group["lag"]) == ("0-6", 0)
+    first.close(), second.close(), raw.close()
+
+
 def test_read_answers_pages_by_seq_and_filters_by_age(buffer):
     now = time.time()
     g1 = answer("r1", created_at=now - 100)
@@ -462,7 +525,7 @@ def test_redis_everysec_is_refused_unless_the_url_accepts_it(redis_server):
         open_buffer(redis_server.url).close()
 
 
-def test_redis_password_from_the_environment_and_never_in_a_message(tmp_path, monkeypatch):
+def test_redis_password_from_env_or_a_file_and_never_in_a_message(tmp_path, monkeypatch):
     secret = f"pw-{uuid.uuid4().hex}"
     server = start_redis(tmp_path / "redis", (*DURABLE, "--requirepass", secret))
     try:
@@ -482,6 +545,16 @@ def test_redis_password_from_the_environment_and_never_in_a_message(tmp_path, mo
         buffer = open_buffer(server.url, must_exist=True)
         assert buffer.generation("r1") is not None
         buffer.close()
+        monkeypatch.delenv(redis_buffer.PASSWORD_ENV)
+        secret_file = tmp_path / "redis-password"
+        secret_file.write_text(secret + "\n")  # as a mounted Secret usually ends
+        monkeypatch.setenv(redis_buffer.PASSWORD_FILE_ENV, str(secret_file))
+        buffer = open_buffer(server.url, must_exist=True)
+        assert buffer.generation("r1") is not None
+        buffer.close()
+        monkeypatch.setenv(redis_buffer.PASSWORD_FILE_ENV, str(tmp_path / "absent"))
+        with pytest.raises(ValueError, match="KAIZEN_REDIS_PASSWORD_FILE: cannot read"):
+            open_buffer(server.url)
     finally:
         server.stop()
 

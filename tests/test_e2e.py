@@ -145,3 +145,18 @@ def test_serve_and_learn_as_processes_with_an_independent_client(tiny_model, tmp
     assert learner.returncode == 0, learn_log.read_text()
     for log in (serve_log, learn_log):
         assert key.split("_", 2)[2] not in log.read_text(), f"the API key shows in {log.name}"
+    if buffer_url.startswith("redis"):
+        # the learner read through its consumer group and acknowledged what its newest
+        # accepted version covers; whatever is still pending came after that cursor
+        import redis
+
+        from kaizen.registry import Registry
+
+        registry = Registry(tmp_path / "registry")
+        cursor = int(registry.manifest(registry.latest_accepted()).metadata["cursor"])
+        raw = redis.Redis.from_url(buffer_url, decode_responses=True)
+        [group] = raw.xinfo_groups("kaizen:feedback")
+        pending = raw.xpending_range("kaizen:feedback", "learner", "-", "+", 1000)
+        raw.close()
+        assert group["name"] == "learner" and cursor > 0
+        assert all(int(p["message_id"].removeprefix("0-")) > cursor for p in pending)

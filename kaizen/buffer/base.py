@@ -47,6 +47,13 @@ class ReplayBuffer(Protocol):
 
     def read_samples(self, after_seq: int, limit: int) -> list[Sample]: ...
 
+    # the learner's reads: what `consume` returned is acknowledged by `commit` once a
+    # published version's cursor covers it (a consumer group on Redis; SQLite needs
+    # nothing beyond the cursor)
+    def consume(self, after_seq: int, limit: int) -> list[Sample]: ...
+
+    def commit(self, cursor: int) -> None: ...
+
     def read_answers(
         self, after_seq: int, created_before: float, limit: int
     ) -> list[tuple[int, Generation, bool]]: ...

@@ -2,7 +2,8 @@
 
 `redis://HOST:PORT/DB` (`rediss://` for TLS). The password is the URL's when it has one
 (`redis://:PASSWORD@HOST…`, which `ps` shows wherever the URL is an argument), else the
-environment variable KAIZEN_REDIS_PASSWORD; a username, when the server has ACL users,
+environment variable KAIZEN_REDIS_PASSWORD, else the first line of the file that
+KAIZEN_REDIS_PASSWORD_FILE names (a mounted secret); a username, when the server has ACL users,
 goes in the URL (`redis://USER@HOST…`).
 
 Durability is checked, not assumed: on connect the buffer reads the server's settings and
@@ -19,7 +20,8 @@ Layout, every key under `kaizen:`:
 - `gens` and `feedback`: streams, the ordered logs. An entry's id is `0-<seq>`, where
   `seq` comes from the counters `gen:seq` and `fb:seq` (INCR) in the same script as the
   XADD, so seqs are strictly increasing and never reused, deletions included; reading
-  after a cursor is `XRANGE (0-<cursor> +`. A later consumer group reads the same ids.
+  after a cursor is `XRANGE (0-<cursor> +`. The learner reads `feedback` through the
+  consumer group `learner` (below).
 - `gen:<seq>` and `fb:<seq>`: hashes, the rows. Entries hold no data of their own
   (`seq` only): a row must change state (superseded, withdrawn) and, when its user is
   forgotten, really go. XDEL only flags a stream entry as deleted and leaves its bytes in
@@ -30,6 +32,18 @@ Layout, every key under `kaizen:`:
   created_at), `gen:<seq>:fb` (events on an answer), `user:<sha256>:gens` and
   `user:<sha256>:fb` (a user's answers and events), `states` (events per state) and
   `forgotten` (tombstones: SHA-256 of the user id → when).
+
+The learner consumes `feedback` through the consumer group `learner`: XREADGROUP hands it
+entries, which stay pending until the learner has published a version whose cursor covers
+them; then `commit` acknowledges them (XACK). The cursor saved inside the published
+version stays the truth, since the registry and Redis cannot change in one transaction:
+a learner that starts (or restarts after kill -9) sets the group back to its cursor
+(XGROUP SETID), takes over whatever a dead learner left pending (XAUTOCLAIM, then
+XGROUP DELCONSUMER) and is handed every event after the cursor again, once. So an event
+is trained into one version exactly once, and none is lost, even when a learner dies
+between its publish and its XACK. `XINFO GROUPS kaizen:feedback` shows the learner's lag
+and pending count; `XPENDING` how often an event was delivered. One learner per buffer:
+a second one would take over the first's entries.
 
 Every check-and-write is one Lua script, so it is atomic: an answer and its indexes; a
 batch of events (all of them or none: the script checks every event before it writes
@@ -48,6 +62,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -77,10 +93,12 @@ from kaizen.events import Feedback, FeedbackKind, Generation
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "KAIZEN_REDIS_PASSWORD"
+PASSWORD_FILE_ENV = "KAIZEN_REDIS_PASSWORD_FILE"  # a mounted secret: the file's first line
 PREFIX = "kaizen:"
 FORMAT = "1"  # the layout above; a buffer written in another is refused, not misread
 DURABILITY = ("always", "everysec")  # appendfsync settings a buffer URL may accept
 SCAN = 512  # stream entries a read script looks at per call, to keep each call short
+GROUP = "learner"  # the consumer group the learner reads `feedback` through
 DELETE_BATCH = 500  # answers one retention script deletes
 T = TypeVar("T")
 
@@ -249,6 +267,27 @@ return {#old, events}
 
 # ARGV: P, after, limit, scan. Returns {last seq looked at, 1 if the stream ended,
 # {{seq, event row, gen seq, answer row or {} when an earlier sample carries it}, …}}.
+# the learner's read: new entries for its consumer, each with its rows (as READ_SAMPLES);
+# entries not active (superseded, withdrawn, forgotten) are delivered, and acknowledged
+# later with the rest, but not returned. Replies {delivered, rows}.
+CONSUME = """#!lua
+local P, group, me, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count,
+                       'STREAMS', P..'feedback', '>')
+if not got then return {0, {}} end
+local out, sent = {}, {}
+for _, e in ipairs(got[1][2]) do
+  local fseq = string.sub(e[1], 3)
+  if redis.call('HGET', P..'fb:'..fseq, 'state') == 'active' then
+    local gseq = redis.call('HGET', P..'fb:'..fseq, 'gen')
+    local g = {}
+    if not sent[gseq] then g = redis.call('HGETALL', P..'gen:'..gseq); sent[gseq] = true end
+    out[#out + 1] = {fseq, redis.call('HGETALL', P..'fb:'..fseq), gseq, g}
+  end
+end
+return {#got[1][2], out}
+"""
+
 READ_SAMPLES = """#!lua flags=no-writes
 local P, limit, scan = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local entries = redis.call('XRANGE', P..'feedback', '(0-'..ARGV[2], '+', 'COUNT', scan)
@@ -330,6 +369,8 @@ def open_redis(
     extra: dict[str, str] = {}
     if parts.password is None and environ.get(PASSWORD_ENV):
         extra["password"] = environ[PASSWORD_ENV]
+    elif parts.password is None and environ.get(PASSWORD_FILE_ENV):
+        extra["password"] = _password_file(environ[PASSWORD_FILE_ENV])
     client = redis.Redis.from_url(
         plain,
         decode_responses=True,
@@ -361,6 +402,18 @@ def open_redis(
         client.close()
         raise
     return RedisBuffer(client, where, timeout_s)
+
+
+def _password_file(path: str) -> str:
+    """The first line of a secret file (a Kubernetes Secret mounted as a file, say)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline(4097).rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"{PASSWORD_FILE_ENV}: cannot read {path}: {exc.strerror}") from exc
+    if not password or len(password) > 4096:
+        raise ValueError(f"{PASSWORD_FILE_ENV}: {path} must hold a password of 1 to 4096 chars")
+    return password
 
 
 def check_durability(client: redis.Redis, where: str, durability: str = "always") -> None:
@@ -420,6 +473,10 @@ class RedisBuffer:
         self._forget = s(FORGET)
         self._delete_before = s(DELETE_BEFORE)
         self._read_samples = s(READ_SAMPLES)
+        self._consume = s(CONSUME)
+        # this process's consumer in the group; None until its first consume()
+        self._consumer: str | None = None
+        self._returned = 0  # the last seq consume() returned
         self._read_answers = s(READ_ANSWERS)
         self._generation = s(GENERATION)
         self._owners = s(OWNERS)
@@ -550,29 +607,77 @@ class RedisBuffer:
 
     def read_samples(self, after_seq: int, limit: int) -> list[Sample]:
         """Active feedback events after a cursor, in order, each joined to its answer."""
+        answers: dict[str, dict[str, str]] = {}
+        return [_sample(row, answers) for row in self._scan(self._read_samples, after_seq, limit)]
+
+    def consume(self, after_seq: int, limit: int) -> list[Sample]:
+        """The learner's read: as `read_samples`, through the consumer group, so what it
+        was handed stays pending until `commit`. The first call (and one whose cursor is
+        behind what was returned: the learner went back) joins the group at `after_seq`."""
+        if self._consumer is None or after_seq < self._returned:
+            self._join(after_seq)
         samples: list[Sample] = []
         answers: dict[str, dict[str, str]] = {}
-        for fseq, event, gseq, answer in self._scan(self._read_samples, after_seq, limit):
-            if answer:
-                answers[gseq] = _row(answer)
-            f = _row(event)
-            samples.append(
-                Sample(
-                    seq=int(fseq),
-                    feedback=Feedback(
-                        event_id=f["event_id"],
-                        response_id=f["response_id"],
-                        user_id=f["user_id"],
-                        kind=FeedbackKind(f["kind"]),
-                        value=float(f["value"]),
-                        text=f["text"],
-                        received_at=float(f["received_at"]),
-                        source=f["source"],
-                    ),
-                    generation=_generation(answers[gseq]),
-                )
-            )
+        while len(samples) < limit:
+            want = min(limit - len(samples), SCAN)
+            args = [PREFIX, GROUP, self._consumer, want]
+            try:
+                delivered, rows = self._call(lambda a=args: self._consume(args=a))
+            except Unavailable:
+                self._consumer = None  # what it handed over may be lost: rejoin next time
+                raise
+            for row in rows:
+                if int(row[0]) > after_seq:
+                    samples.append(_sample(row, answers))
+                elif row[3]:  # a later row may need its answer
+                    answers[row[2]] = _row(row[3])
+            if delivered < want:
+                break
+        if samples:
+            self._returned = samples[-1].seq
         return samples
+
+    def _join(self, cursor: int) -> None:
+        """Point the group at the cursor and make this process its one consumer: what dead
+        learners had pending is taken over and their consumers removed."""
+        key = PREFIX + "feedback"
+        me = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        where = f"0-{int(cursor)}"
+
+        def join() -> None:
+            try:
+                self.client.xgroup_create(key, GROUP, id=where, mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+                self.client.xgroup_setid(key, GROUP, id=where)
+            self.client.xgroup_createconsumer(key, GROUP, me)
+            start = "0-0"
+            while True:  # XAUTOCLAIM pages through the pending list
+                start, _, _ = self.client.xautoclaim(key, GROUP, me, 0, start, count=1000)
+                if start in ("0-0", b"0-0"):
+                    break
+            for consumer in self.client.xinfo_consumers(key, GROUP):
+                if consumer["name"] != me:
+                    self.client.xgroup_delconsumer(key, GROUP, consumer["name"])
+
+        self._call(join)
+        self._consumer, self._returned = me, int(cursor)
+        log.info("replay buffer: learner consumer %s reads %s from seq %d", me, key, cursor)
+
+    def commit(self, cursor: int) -> None:
+        """Every event up to `cursor` is in a published version: acknowledge it (XACK)."""
+        key, upto = PREFIX + "feedback", f"0-{int(cursor)}"
+
+        def ack() -> None:
+            while True:
+                pending = self.client.xpending_range(key, GROUP, "-", upto, 1000)
+                if not pending:
+                    return
+                self.client.xack(key, GROUP, *[p["message_id"] for p in pending])
+
+        if self._consumer is not None:
+            self._call(ack)
 
     def read_answers(
         self, after_seq: int, created_before: float, limit: int
@@ -631,6 +736,29 @@ def _signal(ev: Feedback) -> str:
     """The key of one effective signal: (user, answer, kind), hashed to a fixed length."""
     body = json.dumps([ev.user_id, ev.response_id, str(ev.kind)])
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _sample(row: list, answers: dict[str, dict[str, str]]) -> Sample:
+    """One row of a read script, (fseq, event, gseq, answer), as a Sample; a script sends
+    each answer once, so `answers` keeps those already seen."""
+    fseq, event, gseq, answer = row
+    if answer:
+        answers[gseq] = _row(answer)
+    f = _row(event)
+    return Sample(
+        seq=int(fseq),
+        feedback=Feedback(
+            event_id=f["event_id"],
+            response_id=f["response_id"],
+            user_id=f["user_id"],
+            kind=FeedbackKind(f["kind"]),
+            value=float(f["value"]),
+            text=f["text"],
+            received_at=float(f["received_at"]),
+            source=f["source"],
+        ),
+        generation=_generation(answers[gseq]),
+    )
 
 
 def _row(flat: list[str]) -> dict[str, str]:

@@ -235,6 +235,14 @@ class SQLiteBuffer:
             for r in rows
         ]
 
+    def consume(self, after_seq: int, limit: int) -> list[Sample]:
+        """The learner's read; on SQLite the cursor saved with each version is all the
+        bookkeeping there is."""
+        return self.read_samples(after_seq, limit)
+
+    def commit(self, cursor: int) -> None:
+        """Nothing to acknowledge: the cursor saved with the version says it all."""
+
     def read_answers(
         self, after_seq: int, created_before: float, limit: int
     ) -> list[tuple[int, Generation, bool]]:
