@@ -274,6 +274,7 @@ class CanaryPolicy:
     min_feedback: int = 10  # units per arm with rewarded feedback before any decision
     max_feedback: int = 4000  # canary events after which an undecided canary is rolled back
     window_s: float = 7200.0  # …or after this long
+    supersede_after_s: float = 900.0  # undecided this long: a newer version replaces it
 
 
 @dataclass

@@ -100,6 +100,11 @@ class ServeConfig:
     canary_window_s: float = option(
         7200.0, "seconds after which an undecided canary is rolled back"
     )
+    canary_supersede_after_s: float = option(
+        900.0,
+        "an undecided canary this old gives way to a newer published version (rolled back "
+        "undecided; the newer one is canaried); 0 = never",
+    )
     rewards: Path | None = option(
         None, "reward configuration (TOML) for the canary test; default: the shipped one"
     )
@@ -136,6 +141,10 @@ class ServeConfig:
             raise ValueError(f"--canary-alpha: must be in (0, 1), got {self.canary_alpha}")
         if not 0 <= self.canary_max_share < 1:
             raise ValueError(f"--canary-max-share: must be in [0, 1), got {self.canary_max_share}")
+        if self.canary_supersede_after_s < 0:
+            raise ValueError(
+                f"--canary-supersede-after-s: must be ≥ 0, got {self.canary_supersede_after_s}"
+            )
         if self.canary_ramp_every_s <= 0 or self.canary_user_settle_s <= 0:
             raise ValueError("--canary-ramp-every-s, --canary-user-settle-s: must be positive")
         if self.canary_user_answers < 1:
@@ -185,4 +194,5 @@ class ServeConfig:
             min_feedback=self.canary_min_feedback,
             max_feedback=self.canary_max_feedback,
             window_s=self.canary_window_s,
+            supersede_after_s=self.canary_supersede_after_s,
         )

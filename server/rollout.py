@@ -3,7 +3,8 @@
 The registry watcher offers each new servable version here. With `--canary-share 0` it
 is served to everyone at once. Otherwise it becomes the canary for a sticky share of
 users (see `server.canary`) while one experiment runs at a time; versions published
-meanwhile wait, and the newest of them is the next canary. Live feedback on answers from
+meanwhile wait, and the newest of them is the next canary (or replaces a canary that has
+stayed undecided for --canary-supersede-after-s). Live feedback on answers from
 either arm feeds the sequential test; its decision, and any operator's Promote or
 Rollback, is applied to the engine, written to the registry (`rollout/vN.json`, which
 is what a restarted server and the learner's gate read) and exported as metrics.
@@ -150,6 +151,41 @@ class Rollout:
             if decision:
                 self._apply(e, decision, e.reason, by="test")
             return decision
+
+    def would_yield(self, version: str, now: float | None = None) -> bool:
+        """Whether `yield_to(version)` would end the running canary now (it does nothing)."""
+        e, wait = self.experiment, self.policy.supersede_after_s
+        if e is None:
+            return True
+        now = time.time() if now is None else now
+        newer = version_number(version) > version_number(e.canary)
+        return newer and not e.decision and 0 < wait <= now - e.started_at
+
+    def yield_to(self, version: str, now: float | None = None) -> bool:
+        """Whether the running canary gives way to `version`, newer than it: when it has
+        stayed undecided for `supersede_after_s`, it is rolled back as undecided (the
+        learner goes on from it) and the newer version is canaried next. At a small
+        deployment's traffic a version can take longer to decide than the learner takes
+        to publish a better one; testing the stale one to the end of its window would
+        keep every newer one waiting. Each version is still promoted only by its own
+        test, so α holds per version."""
+        now = time.time() if now is None else now
+        with self._lock:
+            e = self.experiment
+            if e is None:
+                return True
+            if not self.would_yield(version, now):
+                return False
+            wait = self.policy.supersede_after_s
+            e.settle(
+                "rollback",
+                f"superseded by {version}: undecided after {now - e.started_at:.0f} s "
+                f"(--canary-supersede-after-s {wait:g}; {_summary(e)})",
+                now,
+                outcome="undecided",
+            )
+            self._apply(e, "rollback", e.reason, by="test")
+            return True
 
     def _forecast(self, e: Experiment, now: float) -> None:
         """Say once per canary what its window can decide at this traffic (a sample-size

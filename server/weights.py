@@ -88,8 +88,6 @@ class RegistryWatcher:
 
     def check(self) -> None:
         metrics.REGISTRY_NEWEST.set(version_number(self.registry.latest()))
-        if self.rollout.busy:  # one canary at a time; the newest waiting one goes next
-            return
         latest = self.registry.latest_servable()
         if latest in self.rejected or latest in self.engine.failed:
             return
@@ -98,6 +96,8 @@ class RegistryWatcher:
         floor = [self.engine.newest_known(), *self.registry.decisions()]
         if version_number(latest) <= max(version_number(v) for v in floor):
             return
+        if self.rollout.busy and not self.rollout.would_yield(latest):
+            return  # not worth reading it yet
         try:
             adapter = self.read(latest)
         except CorruptVersion as exc:
@@ -109,6 +109,10 @@ class RegistryWatcher:
             self.rejected[latest] = f"unreadable: {exc}"
             metrics.SWAPS.labels("incompatible").inc()
             log.error("not serving %s: %s", latest, exc)
+            return
+        # one canary at a time: the newest waiting version goes next, or replaces a
+        # canary that has stayed undecided too long
+        if self.rollout.busy and not self.rollout.yield_to(latest):
             return
         log.info("offering %s for the next batch boundary", latest)
         self.rollout.offer(adapter)

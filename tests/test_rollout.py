@@ -121,6 +121,30 @@ def test_bad_feedback_rolls_the_canary_back_and_it_is_never_served_again(
     assert served == {"v0", v2}
 
 
+def test_an_undecided_canary_gives_way_to_a_newer_version_after_supersede_after_s(
+    rollout_server, tiny_model
+):
+    running = rollout_server(canary_share=0.5, canary_supersede_after_s=900.0)
+    registry = Registry(running.watcher.registry.root)
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    wait_until(lambda: running.engine.canary is not None, what="the canary install")
+    v2 = publish_random_adapter(registry, tiny_model, seed=2)
+    rollout = running.rollout
+    started = rollout.experiment.started_at
+    assert not rollout.yield_to(v2, now=started + 899)  # too young: v2 waits its turn
+    assert rollout.experiment.canary == v1 and registry.rollout(v1) is None
+    assert not rollout.yield_to(v1, now=started + 901)  # only a newer version replaces it
+    assert rollout.yield_to(v2, now=started + 901)
+    record = registry.rollout(v1)
+    assert record["state"] == ROLLED_BACK and record["by"] == "test"
+    assert record["reason"].startswith(f"superseded by {v2}: undecided after 901 s")
+    assert record["evidence"]["outcome"] == "undecided"  # the learner goes on from it
+    wait_until(lambda: rollout.experiment is not None, what="the next canary")
+    assert rollout.experiment.canary == v2
+    served = {a.model_version for a in chat_everyone(running).values()}
+    assert served == {"v0", v2}
+
+
 def test_a_version_the_learner_rejected_is_listed_with_its_reason_and_never_served(
     rollout_server, tiny_model
 ):
