@@ -213,9 +213,17 @@ def simulate(
 
 
 def simulate_cs(
-    scenario: Scenario, runs: int, users: int, policy, rate: float, seed: int
+    scenario: Scenario,
+    runs: int,
+    users: int,
+    policy,
+    rate: float,
+    seed: int,
+    trace: list[tuple[int, int, int, float]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The server's test (`policy.unit` user): its decisions and canary events then."""
+    """The server's test (`policy.unit` user): its decisions and canary events then.
+    `trace` collects run 0's events while it runs, (step, user, arm, reward) with arm 0
+    the canary, so that a test can replay them through the server's `Experiment`."""
     from server.canary import BettingCS
 
     rng = np.random.default_rng(seed)
@@ -269,6 +277,8 @@ def simulate_cs(
         arm = np.where(hashed[rows, u] < share, 0, 1)
         reward = _draw_rewards(rng, scenario.shape, arm_mean[arm] + taste[rows, u], base)
         canary_events += (arm == 0) & live
+        if trace is not None and live[0]:
+            trace.append((step, int(u[0]), int(arm[0]), float(reward[0])))
         fresh = ~final[rows, u, arm]
         count[rows, u, arm] += fresh
         total[rows, u, arm] += np.where(fresh, reward, 0.0)

@@ -53,6 +53,50 @@ def test_the_decision_rule_is_the_experiments():
         assert exp.decide(now=exp.started_at) == "rollback", unit
 
 
+@pytest.mark.parametrize(
+    ("shape", "delta", "seed", "outcome"),
+    [
+        ("heavy", 0.4, 1, "not_worse"),
+        ("thumbs", -0.6, 2, "worse"),
+        ("mix", 0.1, 3, "undecided"),
+        ("thumbs", 0.6, 5, "not_worse"),
+    ],
+)
+def test_the_simulated_user_level_test_decides_as_the_servers_experiment(
+    shape, delta, seed, outcome
+):
+    """One simulated event stream, replayed through `Experiment` at the same clock: the
+    same decision at the same event, and the same ramp. So `bench canary`'s figures are
+    the server's test's, not a re-statement that could drift from it."""
+    policy = CanaryPolicy(
+        share=0.2,
+        max_share=0.5,
+        ramp_every_s=40.0,
+        min_feedback=5,
+        user_answers=2,
+        user_settle_s=25.0,
+        max_feedback=400,
+        window_s=1e9,
+    )
+    trace: list[tuple[int, int, int, float]] = []
+    sim = simulate_cs(Scenario(shape, delta), 2, 400, policy, rate=1.0, seed=seed, trace=trace)
+    exp = Experiment("v1", "v0", policy, started_at=0.0)
+    decided_step = None
+    for step, user, arm, reward in trace:
+        now = float(step)  # rate 1: one event a second
+        for a in exp.arms.values():  # the simulation settles before the step's event
+            a.settle(now)
+        exp._pair()
+        exp.add(("v1", "v0")[arm], reward, user=f"u{user}", answer=f"a{step}", now=now)
+        if exp.decide(now=now):
+            decided_step = step
+            break
+    assert {1: "not_worse", -1: "worse", 0: "undecided"}[int(sim["decision"][0])] == outcome
+    assert exp.outcome == outcome, exp.reason
+    assert decided_step + 1 == sim["seconds"][0]  # decided on the same event
+    assert exp.share == sim["share"][0]
+
+
 def test_heavy_users_fool_the_answer_level_test_but_not_the_user_level_one():
     """Zipf activity and a taste per user, the canary worse by 0.1: counting answers as
     independent promotes it far above α; the server's user-level test does not."""
