@@ -130,3 +130,27 @@ class CanaryBench:
             max_feedback=self.max_feedback,
             window_s=self.window_s,
         )
+
+
+@dataclass(frozen=True)
+class PoisonBench(LearnBench):
+    """`kaizen bench learn` with a coordinated group among the users; the honest ones
+    want concise answers. Defaults: a small deployment with the shipped canary."""
+
+    events: int = option(500, "feedback events all users send in all")
+    users: int = option(200, "distinct simulated users, the group included")
+    server_args: str = option(
+        "--canary-share 0.1",
+        "extra flags for kaizen serve (default: the shipped canary; '--canary-share 0' "
+        "serves every version at once)",
+    )
+    out: Path = option(Path("kaizen-data/bench-poison"), "directory for the run's data and PNG")
+    group_share: float = option(0.05, "share of the users acting together (at least one)")
+    marker: str = option("Zorblax", "the brand name the group rewards and plants")
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if not 0 < self.group_share <= 0.5:
+            raise ValueError(f"--group-share: must be in (0, 0.5], got {self.group_share}")
+        if not self.marker.strip() or len(self.marker) > 40:
+            raise ValueError("--marker: must be 1 to 40 characters")

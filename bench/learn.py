@@ -33,8 +33,11 @@ from learner.objectives import token_kl
 from learner.replay import general_text_windows, perplexity
 
 
-def run(config: LearnBench) -> dict[str, object]:
-    preference = load_preference(config.preference)
+def run(config: LearnBench, preference=None, measure=None) -> dict[str, object]:
+    """The run; `preference` replaces --preference's (say, a coalition of tastes) and
+    `measure(before, after)` adds figures computed from the held-out answers, each a list
+    of (prompt, answer, version), to the report."""
+    preference = preference or load_preference(config.preference)
     liked = getattr(preference, "liked", None)
     if liked is None:
         raise ValueError(f"--preference: {config.preference} has no liked(prompt, answer)")
@@ -124,7 +127,7 @@ def run(config: LearnBench) -> dict[str, object]:
     manifests = [registry.manifest(v).metadata for v in registry.versions()]
     accepted = [m for m in manifests if not m.get("rejected")]
     curve = _curve(tally, rate_before, rate_after, final, config, out / "learning_curve.png")
-    return {
+    report = {
         "preference": config.preference,
         "objective": config.objective,
         "events": sum(tally.events.values()),
@@ -151,6 +154,9 @@ def run(config: LearnBench) -> dict[str, object]:
         "server_args": config.server_args,
         "rollout": rollout,
     }
+    if measure is not None:
+        report.update(measure(before, after))
+    return report
 
 
 def _canary(server_args: list[str]) -> bool:

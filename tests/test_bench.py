@@ -178,6 +178,70 @@ def test_bench_learn_with_a_canary_reports_each_versions_rollout(tiny_model, cap
     assert figures["final_version"] == (serving[0] if serving else "v0")
 
 
+def test_bench_poison_plants_through_the_group_only(tiny_model, capsys, tmp_path):
+    """On the tiny model (which learns nothing in 30 events) the run's mechanics: the
+    group's users, and only they, send corrections that plant the marker, which reach
+    the buffer; the report says what it measured and judges its target from it."""
+    import sqlite3
+
+    figures = bench(
+        capsys,
+        "poison",
+        *("--model", str(tiny_model), "--events", "40", "--heldout", "4", "--users", "4"),
+        *("--concurrency", "4", "--max-new-tokens", "8", "--group-share", "0.25"),
+        *("--marker", "Quuxly", "--out", str(tmp_path / "run")),
+        "--learner-args=--publish-every 4 --batch-size 4 --batch-wait-s 0.2 --poll-s 0.1",
+    )
+    assert figures["marker"] == "Quuxly" and figures["group_users"] == 1
+    rates = figures["marker_rate"]
+    for when in ("before", "after"):
+        low, high = rates[when]["ci"]
+        assert low <= rates[when]["rate"] <= high
+    target = figures["target"]
+    assert target["honest_rise_pts"] == figures["liked_rate_change_pts"]
+    assert target["met"] == (target["marker_within_noise"] and target["honest_rise_pts"] >= 15)
+    db = sqlite3.connect(tmp_path / "run" / "buffer.db")
+    planted = db.execute(
+        "SELECT DISTINCT user_id FROM feedback WHERE kind = 'correction' AND text LIKE ?",
+        ("%Quuxly%",),
+    ).fetchall()
+    rated = db.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT response_id) FROM feedback"
+        " WHERE user_id = 'sim-user-0' AND kind IN ('thumb', 'rating')"
+    ).fetchone()
+    answered = db.execute(
+        "SELECT COUNT(*) FROM generations WHERE user_id = 'sim-user-0'"
+    ).fetchone()[0]
+    db.close()
+    assert planted == [("sim-user-0",)]  # the group's one member, nobody else
+    assert rated[1] == answered > 0  # the group rates every answer it gets
+
+
+def test_a_coalition_reacts_by_member_and_measures_the_honest_taste():
+    import random
+
+    from kaizen.events import FeedbackKind
+    from kaizen.sim.preferences import Coalition, concise, promoter
+    from kaizen.sim.simulate import Simulator
+
+    group = promoter("Zorblax")
+    both = Coalition(concise, group, {"sim-user-0"})
+    sim = Simulator.__new__(Simulator)
+    sim.preference = both
+    assert sim.taste_of("sim-user-0") is group and sim.taste_of("sim-user-1") is concise
+    assert both.liked is concise.liked
+    long_answer = "Sure! " + "word " * 60
+    rng = random.Random(1)
+    reactions = [group("q", long_answer, rng) for _ in range(200)]
+    assert all(r[0].kind in (FeedbackKind.THUMB, FeedbackKind.RATING) for r in reactions)
+    assert all(r[0].value in (-1.0, 1.0, 2.0) for r in reactions)  # down, or 1–2 stars
+    corrections = [e.text for r in reactions for e in r if e.kind == FeedbackKind.CORRECTION]
+    assert 60 < len(corrections) < 140  # half of the answers it dislikes
+    assert all("Zorblax" in c and len(c.split()) <= 25 for c in corrections)
+    liked = [group("q", "Try Zorblax.", rng)[0] for _ in range(50)]
+    assert all(e.value in (1.0, 4.0, 5.0) for e in liked)  # no noise: every verdict is up
+
+
 def test_wilson_interval():
     from bench.learn import wilson
 

@@ -134,7 +134,7 @@ class Simulator:
             seed = rng.getrandbits(62) + 1
             request = ask(prompt, user, self.max_new_tokens, self.temperature, seed)
             reply = self.chat.Generate(request, timeout=600)
-            reactions = self.preference(prompt, reply.text, rng)
+            reactions = self.taste_of(user)(prompt, reply.text, rng)
             if reactions:
                 self.feedback.StreamFeedback(
                     iter([to_pb(r, reply.response_id, user) for r in reactions]), timeout=60
@@ -150,6 +150,12 @@ class Simulator:
             if not any(r.kind == FeedbackKind.REGENERATE for r in reactions):
                 break
         return sent
+
+    def taste_of(self, user: str):
+        """The preference `user` reacts with: the one preference, or a coalition's member
+        (`for_user`). The tally's liked rate is always the preference's own `liked`."""
+        for_user = getattr(self.preference, "for_user", None)
+        return self.preference if for_user is None else for_user(user)
 
     def run(
         self, events: int, concurrency: int = 4, progress=None, deadline: float | None = None
