@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from kaizen import logs
 from kaizen.modeling import DEFAULT_MODEL_DIR
 
 
@@ -77,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kaizen", description="A chatbot backend that learns online from its users."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=None,
+        help=f"text lines, or one JSON object a line (default: ${logs.ENV}, else text)",
+    )
     parser.add_argument(
         "--version", action="version", version=f"kaizen {_version()}", help="print the version"
     )
@@ -165,11 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log_format = args.log_format or os.environ.get(logs.ENV) or "text"
+    if log_format not in logs.FORMATS:
+        parser.error(f"{logs.ENV}: {log_format!r} is not one of {', '.join(logs.FORMATS)}")
+    if log_format == "json":  # stderr holds only JSON lines: no progress bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    logs.configure(log_format, logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except FileNotFoundError as exc:

@@ -38,7 +38,7 @@ from server.convert import Limits
 from server.engine import Engine
 from server.health import HealthWatch
 from server.http import HttpDoor
-from server.interceptor import ErrorInterceptor
+from server.interceptor import AccessPrincipal, ErrorInterceptor
 from server.limits import Limiter
 from server.retention import Retention
 from server.rollout import Rollout
@@ -183,7 +183,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
     auth_interceptor = AuthInterceptor(auth)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="kaizen-rpc"),
-        interceptors=[ErrorInterceptor(), auth_interceptor],
+        interceptors=[ErrorInterceptor(), auth_interceptor, AccessPrincipal()],
     )
     chat = ChatService(engine, tokenizer, stop_ids, buffer, limits, rollout, limiter)
     feedback = FeedbackService(buffer, rollout, limits, limiter, config.max_feedback_stream_bytes)

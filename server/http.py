@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from kaizen import logs
 from kaizen.auth import Principal
 from kaizen.errors import Cancelled, InvalidArgument, KaizenError, NotFound, ResourceExhausted
 from kaizen.v1 import chat_pb2, feedback_pb2, model_pb2
@@ -397,6 +398,7 @@ class _Call:
         self.principal: Principal | None = None
         self.fields: dict[str, str] = {}
         self.status = "CANCELLED"  # a stream's outcome, set when it ends otherwise
+        self.access: dict[str, str] = {}  # the access line's user_id, response_id, version
         self._callbacks: list[Callable[[], None]] = []
         self._ended = False
         self._lock = threading.Lock()
@@ -470,6 +472,7 @@ class HttpDoor:
         self.app.get("/v1/models/{version}")(self.model)
         self.app.post("/v1/feedback")(self.feedback)
         self.app.add_exception_handler(HTTPException, _http_exception)
+        self.app.add_middleware(logs.RequestIds)  # X-Request-Id in and out
 
     # -- serving --------------------------------------------------------------------------
 
@@ -546,6 +549,16 @@ class HttpDoor:
             metrics.REQUESTS.labels(name, status).inc()
             if status == "OK":
                 metrics.REQUEST_SECONDS.labels(name).observe(time.perf_counter() - started)
+            user_id = call.access.pop("user_id", "")
+            logs.log_access(
+                "http",
+                method=name,
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                request_id=request.state.request_id,
+                **logs.who(call.principal, user_id),
+                **call.access,
+            )
 
         call = _Call()
         self._in_flight += 1
@@ -597,12 +610,14 @@ class HttpDoor:
     async def completions(self, request: Request) -> Response:
         async def work(call: _Call, ended: Callable[[str], None]) -> Response:
             body = await read_body(request, ChatCompletionRequest)
-            pb, call.fields = generate_request(body, request.headers.get("x-request-id", ""))
+            pb, call.fields = generate_request(body, request.state.request_id)
+            call.access["user_id"] = pb.user_id
             if body.stream:
                 started = await self._blocking(self.chat.start, pb, call)
                 usage = body.stream_options is not None and body.stream_options.include_usage
                 return _EventStream(self._events(pb, started, call, usage), call, ended)
             reply = await self._until_disconnected(request, call, self.chat.Generate, pb, call)
+            call.access.update(response_id=reply.response_id, version=reply.model_version)
             return JSONResponse(completion(reply, int(time.time())))
 
         return await self._answer("HttpChatCompletions", CHAT_METHOD, request, work)
@@ -615,6 +630,7 @@ class HttpDoor:
         only at the end: chunks before the last have `model` "". An error after the
         first event is an event `{"error": …}`, as OpenAI sends it."""
         response_id, created = new_response_id(), int(time.time())
+        call.access["response_id"] = response_id
         chunks = self.chat.stream(pb, started, response_id)
         usage = {"usage": None} if include_usage else {}
         try:
@@ -626,6 +642,7 @@ class HttpDoor:
                     delta = {"content": part.text_delta}
                     yield _sse(chunk(response_id, created, "", delta) | usage)
                     continue
+                call.access["version"] = part.model_version
                 last = chunk(response_id, created, part.model_version, {}, part.finish_reason)
                 yield _sse(last | usage)
                 if include_usage:
@@ -679,6 +696,7 @@ class HttpDoor:
     async def feedback(self, request: Request) -> Response:
         async def work(call: _Call, _ended) -> Response:
             fb = feedback_message(await read_body(request, FeedbackRequest))
+            call.access.update(user_id=fb.user_id, response_id=fb.response_id)
             ack = await self._blocking(self.feedback_service.SubmitFeedback, fb, call)
             return JSONResponse(
                 {

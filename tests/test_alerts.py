@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kaizen.sim.demo import free_port
-from tests.conftest import wait_until
+from tests.conftest import ask, wait_until
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "alerts.yml"
@@ -47,6 +47,30 @@ def test_the_alert_rules_pass_their_promtool_cases():
     for args in (["check", "rules", str(RULES)], ["test", "rules", str(CASES)]):
         done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool is not installed (apt-get install prometheus; .ci/run does)",
+)
+def test_promtool_finds_nothing_to_fix_in_what_the_server_and_learner_export(server, stubs):
+    """Names, units and help texts by Prometheus' conventions, with the series that
+    traffic creates (an answer, a refusal) present."""
+    import grpc
+
+    import learner.metrics  # noqa: F401 - this process's registry then holds the learner's
+
+    stubs.chat.Generate(ask())
+    with pytest.raises(grpc.RpcError):  # a refusal: it adds an error series
+        stubs.chat.Generate(ask(max_new_tokens=10_000))
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        exported = response.read()
+    assert b"kaizen_requests_total" in exported and b"kaizen_learner_" in exported
+    done = subprocess.run(
+        ["promtool", "check", "metrics"], input=exported, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
 
 
 def query(port: int, path: str, **params) -> dict:
