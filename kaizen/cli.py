@@ -13,7 +13,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from kaizen import logs
+from kaizen import logs, tracing
 from kaizen.modeling import DEFAULT_MODEL_DIR
 
 
@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=logs.FORMATS,
         default=None,
         help=f"text lines, or one JSON object a line (default: ${logs.ENV}, else text)",
+    )
+    parser.add_argument(
+        "--trace-exporter",
+        choices=tracing.EXPORTERS,
+        default=None,
+        help=f"OpenTelemetry traces: off, JSON spans on stdout, or OTLP to "
+        f"$OTEL_EXPORTER_OTLP_ENDPOINT (default: ${tracing.ENV}, else none)",
     )
     parser.add_argument(
         "--version", action="version", version=f"kaizen {_version()}", help="print the version"
@@ -183,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     logs.configure(log_format, logging.DEBUG if args.verbose else logging.INFO)
+    trace_exporter = args.trace_exporter or os.environ.get(tracing.ENV) or "none"
+    if trace_exporter not in tracing.EXPORTERS:
+        parser.error(
+            f"{tracing.ENV}: {trace_exporter!r} is not one of {', '.join(tracing.EXPORTERS)}"
+        )
+    try:
+        tracing.configure(trace_exporter, service=f"kaizen-{args.command}")
+    except ValueError as exc:  # the SDK or the OTLP exporter is not installed
+        parser.error(str(exc))
     try:
         return int(args.func(args) or 0)
     except FileNotFoundError as exc:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kaizen import tracing
 from kaizen.auth import Principal
 from kaizen.buffer import ReplayBuffer
 from kaizen.errors import (
@@ -67,6 +68,16 @@ class _Answer:
 
 def new_response_id() -> str:
     return f"r-{uuid.uuid4().hex}"
+
+
+def _traced(span: tracing.Span, g: Generation) -> None:
+    """The answer's figures on its `kaizen.generate` span: never its text or user."""
+    span.set(
+        version=g.model_version,
+        prompt_tokens=len(g.prompt_tokens),
+        completion_tokens=len(g.response_tokens),
+        finish_reason=g.finish_reason,
+    )
 
 
 class TextStream:
@@ -220,13 +231,16 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
 
     def Generate(self, request, context):
         user, messages, job = self.start(request, context)
-        answer = _Answer([], [])
-        for _ in self._events(job, answer):
-            pass
-        text = self.tokenizer.decode(
-            [t for t in answer.tokens if t not in self.stop_ids], skip_special_tokens=True
-        )
-        g = self._record(request, user, messages, job, answer, text, new_response_id())
+        rid = new_response_id()
+        with tracing.span("kaizen.generate", tracing.answer(rid), response_id=rid) as span:
+            answer = _Answer([], [])
+            for _ in self._events(job, answer):
+                pass
+            text = self.tokenizer.decode(
+                [t for t in answer.tokens if t not in self.stop_ids], skip_special_tokens=True
+            )
+            g = self._record(request, user, messages, job, answer, text, rid)
+            _traced(span, g)
         return chat_pb2.GenerateResponse(
             response_id=g.response_id,
             text=g.text,
@@ -250,13 +264,16 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         answer's fields. The caller picks `response_id`, so it knows the id the answer
         will be logged under before the first token (the HTTP door's chunks carry it)."""
         user, messages, job = started
-        answer = _Answer([], [])
-        stream = TextStream(self.tokenizer, self.stop_ids)
-        for token_id in self._events(job, answer):
-            delta = stream.push(token_id)
-            if delta:
-                yield chat_pb2.GenerateChunk(text_delta=delta)
-        g = self._record(request, user, messages, job, answer, stream.text, response_id)
+        key = tracing.answer(response_id)
+        with tracing.span("kaizen.generate", key, response_id=response_id, stream=True) as span:
+            answer = _Answer([], [])
+            stream = TextStream(self.tokenizer, self.stop_ids)
+            for token_id in self._events(job, answer):
+                delta = stream.push(token_id)
+                if delta:
+                    yield chat_pb2.GenerateChunk(text_delta=delta)
+            g = self._record(request, user, messages, job, answer, stream.text, response_id)
+            _traced(span, g)
         yield chat_pb2.GenerateChunk(
             done=True,
             response_id=g.response_id,
@@ -283,10 +300,19 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         self.max_stream_bytes = max_stream_bytes
 
     def _store(self, events: list[Feedback], principal: Principal) -> feedback_pb2.FeedbackAck:
+        started = time.time_ns()
         self.limiter.feedback(principal, collections.Counter(ev.user_id for ev in events))
         result = self.buffer.append_feedback(events)
         for ev, new in zip(events, result.new, strict=True):  # counted once durable
             metrics.FEEDBACK.labels(str(ev.kind), "accepted" if new else "duplicate").inc()
+            tracing.record(
+                "kaizen.feedback",
+                tracing.answer(ev.response_id),
+                started,
+                kind=str(ev.kind),
+                event_id=ev.event_id,
+                result="accepted" if new else "duplicate",
+            )
         self.rollout.observe([ev for ev, new in zip(events, result.new, strict=True) if new])
         return feedback_pb2.FeedbackAck(
             accepted=result.accepted, duplicates=result.duplicates, superseded=result.superseded
@@ -359,6 +385,10 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         self.limiter.feedback(context.principal, {user: 1})
         n = self.buffer.withdraw(request.response_id, user, request.kind)
         metrics.FEEDBACK.labels(request.kind or "all", "withdrawn").inc(n)
+        key = tracing.answer(request.response_id)
+        tracing.record(
+            "kaizen.feedback", key, kind=request.kind or "all", result="withdrawn", withdrawn=n
+        )
         return feedback_pb2.WithdrawAck(withdrawn=n)
 
 

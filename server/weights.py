@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 
+from kaizen import tracing
 from kaizen.errors import CorruptVersion
 from kaizen.registry import BASE_VERSION, MANIFEST, Registry, version_number
 from server import metrics
@@ -41,6 +43,14 @@ def read_adapter(registry: Registry, version: str, base_model: str) -> Adapter:
         manifest_sha256=manifest_sha,
         published_at=manifest.created_at,
     )
+
+
+def _traced_swap(version: str, result: str, started_ns: int | None = None) -> None:
+    """A `kaizen.swap` span in the version's trace: read and checked since `started_ns`,
+    then staged (as canary or serving; the engine installs it at its next batch
+    boundary), refused, or resumed at start."""
+    key = tracing.version(version)
+    tracing.record("kaizen.swap", key, started_ns, version=version, result=result)
 
 
 class RegistryWatcher:
@@ -80,6 +90,7 @@ class RegistryWatcher:
         if serving != BASE_VERSION:
             try:
                 self.engine.restore(self.read(serving))
+                _traced_swap(serving, "resumed")
             except (CorruptVersion, OSError, ValueError) as exc:
                 log.error("cannot resume serving %s (%s); serving v0", serving, exc)
         self.engine.install_staged()
@@ -98,17 +109,20 @@ class RegistryWatcher:
             return
         if self.rollout.busy and not self.rollout.would_yield(latest):
             return  # not worth reading it yet
+        started = time.time_ns()
         try:
             adapter = self.read(latest)
         except CorruptVersion as exc:
             self.rejected[latest] = str(exc)
             metrics.SWAPS.labels("corrupt").inc()
             log.error("not serving %s: %s", latest, exc)
+            _traced_swap(latest, "corrupt", started)
             return
         except (OSError, ValueError) as exc:
             self.rejected[latest] = f"unreadable: {exc}"
             metrics.SWAPS.labels("incompatible").inc()
             log.error("not serving %s: %s", latest, exc)
+            _traced_swap(latest, "unreadable", started)
             return
         # one canary at a time: the newest waiting version goes next, or replaces a
         # canary that has stayed undecided too long
@@ -116,3 +130,6 @@ class RegistryWatcher:
             return
         log.info("offering %s for the next batch boundary", latest)
         self.rollout.offer(adapter)
+        e = self.rollout.experiment
+        staged = "canary" if e is not None and e.canary == latest else "serving"
+        _traced_swap(latest, "staged_" + staged, started)
