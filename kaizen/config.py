@@ -39,3 +39,20 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def from_options(cls: type[T], namespace: argparse.Namespace) -> T:
     return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+
+def load_callable(spec: str, where: str):
+    """The callable `module:name` names (imported now); ValueError naming `where` (a flag,
+    or a file and field) when it is malformed, cannot be imported or is not callable."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{where}: {spec!r} is not module:callable")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{where}: cannot import {spec!r}: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"{where}: {spec!r} is not callable")
+    return fn

@@ -19,8 +19,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "regenerations, comments scored by a judge), update a LoRA adapter with --objective "
         "(KL to the base model, clipped importance ratios against the logged behaviour), and "
         "publish a new version to the registry every --publish-every examples, unless the "
-        "KL guard on a probe set of general text or the replay gate on held-out traffic "
-        "refuses it.",
+        "KL guard on a probe set of general text, the replay gate on held-out traffic or "
+        "the guard evals (--guard-evals: facts it must keep, flattery it must not learn) "
+        "refuse it.",
     )
     add_options(parser, LearnerConfig)
     parser.set_defaults(func=lambda args: _run_config(LearnerConfig, args, _learn))

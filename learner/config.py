@@ -69,6 +69,12 @@ class LearnerConfig:
     )
     gate_confidence: float = option(0.9, "gate: one-sided confidence of the candidate's bound")
     gate_estimator: str = option("snips", "gate: ips or snips", ("ips", "snips"))
+    gate_min_ess: float = option(
+        16.0,
+        "gate: abstains (refuses to publish) when the effective sample size of the held-out "
+        "slice's importance weights, candidate's or last version's, is below this (see "
+        "README, How kaizen decides)",
+    )
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
@@ -87,10 +93,20 @@ class LearnerConfig:
     rewards: Path | None = option(
         None, "reward configuration (TOML); default: the shipped kaizen/data/rewards.toml"
     )
+    guard_evals: str = option(
+        "default",
+        "probes with rules every candidate must pass before it is published (TOML, see "
+        "kaizen/guard.py): a file, default (the shipped kaizen/data/guard_evals.toml) or none",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.gate_holdout < 1:
             raise ValueError(f"--gate-holdout: must be in [0, 1), got {self.gate_holdout}")
+        if not 0 <= self.gate_min_ess <= self.gate_window:
+            raise ValueError(
+                f"--gate-min-ess: must be in [0, --gate-window {self.gate_window}] (the ESS is "
+                f"at most the number of events), got {self.gate_min_ess}"
+            )
         if not 0.5 < self.gate_confidence < 1:
             raise ValueError(f"--gate-confidence: must be in (0.5, 1), got {self.gate_confidence}")
         for name in ("max_user_share", "max_key_share"):

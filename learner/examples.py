@@ -15,6 +15,7 @@ One event on one answer can give several examples:
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -33,22 +34,30 @@ class Answer:
     behaviour: tuple[float, ...] | None  # logged log μ per response token; None: not sampled
     temperature: float  # 0: greedy or not sampled (no importance ratio)
     source: str = field(default="", compare=False)  # the logged answer it comes from
+    top_p: float = 1.0  # the nucleus it was sampled from (μ is logged under it); 1: none
 
     @classmethod
     def of(cls, g: Generation) -> Answer:
-        sampled = g.sampling.temperature > 0 and len(g.behaviour_logprobs) == len(g.response_tokens)
+        """The answer as logged; its log μ only when sampled, with one finite value a token."""
+        logged = g.behaviour_logprobs
+        sampled = (
+            g.sampling.temperature > 0
+            and len(logged) == len(g.response_tokens)
+            and all(math.isfinite(x) for x in logged)
+        )
         return cls(
             tuple(g.prompt_tokens),
             tuple(g.response_tokens),
-            tuple(g.behaviour_logprobs) if sampled else None,
+            tuple(logged) if sampled else None,
             g.sampling.temperature if sampled else 0.0,
             g.response_id,
+            min(1.0, g.sampling.top_p) if sampled and g.sampling.top_p > 0 else 1.0,
         )
 
 
 def collate(answers: list[Answer], pad_id: int, device: torch.device):
-    """Right-padded tensors for one forward pass over `answers`:
-    (ids, attention, mask of response tokens, logged behaviour log μ, temperature)."""
+    """Right-padded tensors for one forward pass over `answers`: (ids, attention, mask of
+    response tokens, logged behaviour log μ, temperature, top_p); the last two per answer."""
     rows = [a.prompt + a.response for a in answers]
     width = max(len(r) for r in rows)
     B = len(rows)
@@ -57,6 +66,7 @@ def collate(answers: list[Answer], pad_id: int, device: torch.device):
     mask = torch.zeros((B, width), dtype=torch.long)  # 1 on response tokens
     behaviour = torch.zeros((B, width), dtype=torch.float32)
     temperature = torch.zeros(B, dtype=torch.float32)
+    top_p = torch.ones(B, dtype=torch.float32)
     for i, a in enumerate(answers):
         n_prompt = len(a.prompt)
         ids[i, : len(rows[i])] = torch.tensor(rows[i])
@@ -65,8 +75,9 @@ def collate(answers: list[Answer], pad_id: int, device: torch.device):
         if a.behaviour is not None:
             behaviour[i, n_prompt : len(rows[i])] = torch.tensor(a.behaviour)
             temperature[i] = a.temperature
-    to = device
-    return ids.to(to), attention.to(to), mask.to(to), behaviour.to(to), temperature.to(to)
+            top_p[i] = a.top_p
+    tensors = (ids, attention, mask, behaviour, temperature, top_p)
+    return tuple(x.to(device) for x in tensors)
 
 
 @dataclass(frozen=True)

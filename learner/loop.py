@@ -9,7 +9,7 @@ published are trained on again, once, from the weights that were published, and 
 event is skipped.
 
 Guards: a step whose loss or gradient is not finite is dropped (its events are
-consumed) and counted. Before publishing, two checks, and a candidate that fails one is
+consumed) and counted. Before publishing, three checks, and a candidate that fails one is
 recorded in the registry as rejected (with the reason and the figures; servers never
 serve it) and the weights go back to the last published ones (the events since then are
 dropped):
@@ -18,7 +18,12 @@ dropped):
 - the replay gate: a slice of answers (`gate_holdout`, by response id) is never trained
   on; on its newest rewarded events, the candidate and the last accepted version are
   both replayed (SNIPS by default, `learner.estimators`), and the one-sided lower bound
-  of the candidate's estimate minus the last one's must not fall below −`gate_margin`.
+  of the candidate's estimate minus the last one's must not fall below −`gate_margin`,
+  and the weights' effective sample size must reach `gate_min_ess` (below it the gate
+  abstains: it refuses rather than approves on evidence carried by a few answers);
+- the guard evals (`kaizen.guard`, --guard-evals): the candidate answers each probe
+  greedily and must break none of its rules (a fact it must still know, a flattering
+  opening it must not write).
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from importlib import resources
 import numpy as np
 import torch
 
-from kaizen import modeling
+from kaizen import modeling, tracing
 from kaizen.bucket import Buckets, load_or_create_secret
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.errors import Unavailable
 from kaizen.events import Feedback, FeedbackKind, Generation
+from kaizen.guard import GuardResult, greedy_answers, guard_evals_from_flag
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import load_rewards, reward
 from learner import metrics
@@ -127,6 +133,7 @@ class Learner:
             )
         self.config = config
         self.rewards = load_rewards(config.rewards)  # a bad file fails before anything loads
+        self.guard = guard_evals_from_flag(config.guard_evals)  # so does a bad guard file
         self.info = modeling.model_info(config.model)
         self.device = modeling.pick_device(config.device)
         self.tokenizer = modeling.load_tokenizer(config.model)
@@ -204,6 +211,11 @@ class Learner:
         metrics.BASELINE.set(self.progress.baseline)
         metrics.VERSION.set(version_number(self.version))
         metrics.PUBLISH_EVERY.set(config.publish_every)
+        if self.guard is not None:  # what the base model itself fails is set aside
+            self.model.eval()
+            with self.model.disable_adapter():
+                base = greedy_answers(self.model, self.tokenizer, self.guard.probes)
+            self.guard = self.guard.calibrated(base)
 
     @property
     def since_publish(self) -> int:
@@ -241,6 +253,7 @@ class Learner:
         if self.held_out(g.response_id):
             answer = Answer.of(g)
             r = reward(fb, self.rewards, g, time.time())  # comments: no judge here
+            # top_p < 1: μ's support is cut, so no weight is unbiased (learner.replay)
             if r is not None and answer.behaviour is not None and g.sampling.top_p >= 1.0:
                 self.heldout.append((answer, r))
             metrics.SAMPLES.labels("held_out").inc()
@@ -354,7 +367,7 @@ class Learner:
             parts = (ex.chosen, ex.rejected) if isinstance(ex, Pair) else (ex.answer,)
             where.append(tuple(range(len(answers), len(answers) + len(parts))))
             answers += parts
-        ids, attention, mask, behaviour, temperature = collate(
+        ids, attention, mask, behaviour, temperature, top_p = collate(
             answers, self.tokenizer.pad_token_id, self.device
         )
         joint = c.objective == "joint"
@@ -362,7 +375,7 @@ class Learner:
         with torch.no_grad(), self.model.disable_adapter():
             ref_logits = self.model(input_ids=ids, attention_mask=attention).logits
         hidden = out.hidden_states[-1] if joint else None
-        f = forward_terms(out.logits, ref_logits, ids, mask, behaviour, temperature, hidden)
+        f = forward_terms(out.logits, ref_logits, ids, mask, behaviour, temperature, top_p, hidden)
 
         scored = [(w[0], ex) for w, ex in zip(where, batch, strict=True) if isinstance(ex, Scored)]
         targets = [w[0] for w, ex in zip(where, batch, strict=True) if isinstance(ex, Target)]
@@ -455,7 +468,12 @@ class Learner:
 
     def train_pending(self) -> StepResult:
         batch, self.pending = self.drop_deleted(self.pending), []
-        result = self.step(batch)
+        answers = (tracing.answer(r) for r in sorted(set().union(*map(sources, batch))))
+        with tracing.span(
+            "kaizen.learner.step", links=answers, examples=len(batch), from_version=self.version
+        ) as span:
+            result = self.step(batch)
+            span.set(result=result.reason)
         # Consumed either way: a dropped step's events are not retried forever.
         self.progress.cursor = self.read_cursor
         self.progress.silent_cursor = self.silent_read_cursor
@@ -581,7 +599,8 @@ class Learner:
 
     def gate(self) -> dict[str, object]:
         """The replay gate's evidence about the current weights; "refused" gives the reason
-        when it refuses them. It does not judge on fewer than `gate_min_events` events."""
+        when it refuses them (or abstains: "abstained", below `gate_min_ess`). It does not
+        judge on fewer than `gate_min_events` events."""
         from learner.replay import Scorer
 
         c = self.config
@@ -607,6 +626,11 @@ class Learner:
                 last_logp = scorer.terms(None, answers, reference=False).tempered_logp
         finally:
             self._copy_weights(mine)
+        # Per-sequence weights π(answer)/μ(answer): the rewards are per answer, and only
+        # these make IPS unbiased (the per-token geometric mean of `kaizen replay
+        # --weights token-mean` is biased towards 1: a ranking score, not a bound). Their
+        # variance grows with the answer's length; the ESS floor below is what keeps the
+        # bound honest when they collapse onto a few answers.
         last = weights(last_logp, behaviour)
         name = c.gate_estimator
         diff, low = paired_difference(candidate, last, r, name, c.gate_confidence, seed=len(held))
@@ -623,8 +647,18 @@ class Learner:
             candidate_ess=round(effective_sample_size(candidate), 1),
             last_ess=round(effective_sample_size(last), 1),
             margin=c.gate_margin,
+            min_ess=c.gate_min_ess,
         )
-        if low < -c.gate_margin:
+        ess = min(effective_sample_size(candidate), effective_sample_size(last))
+        if ess < c.gate_min_ess:  # too few answers carry the weights: no bound to trust
+            evidence["abstained"] = True
+            evidence["refused"] = (
+                f"replay gate abstains: the importance weights' effective sample size is "
+                f"{ess:.1f} of {len(held)} held-out events, below --gate-min-ess "
+                f"{c.gate_min_ess:g}; too few answers carry the estimate to approve it"
+            )
+            log.warning("%s", evidence["refused"])
+        elif low < -c.gate_margin:
             evidence["refused"] = (
                 f"replay gate: {name} says {last_value + diff:+.3f} against {against}'s "
                 f"{last_value:+.3f}; the difference's lower bound {low:+.3f} "
@@ -633,10 +667,23 @@ class Learner:
             )
         return evidence
 
+    def run_guard_evals(self) -> GuardResult | None:
+        """The guard evals (--guard-evals) on the candidate's weights, greedily; each
+        failed probe is logged with its rule and counted (None: the guard is off)."""
+        if self.guard is None:
+            return None
+        self.model.eval()
+        result = self.guard.check(greedy_answers(self.model, self.tokenizer, self.guard.probes))
+        for f in result.failures:
+            metrics.GUARD_REFUSALS.labels(f.probe).inc()
+            log.warning("candidate refused by %s; it answered %r", f.reason, f.answer)
+        return result
+
     def publish(self) -> str | None:
         """Publish the weights as a new version, unless a guard refuses them: then the
         candidate is published for the record as rejected (never served), the weights go
         back to the last accepted version's, and this returns None."""
+        started = time.time_ns()
         probe_kl = self.probe_kl()
         metrics.PROBE_KL.set(probe_kl)
         rewards = self.progress.window_rewards
@@ -664,7 +711,7 @@ class Learner:
         self.progress.window_examples = 0
         self.progress.window_held_out = 0
         self._show_window()
-        guard, reason, gate = "", "", {}
+        guard, reason, gate, evals = "", "", {}, None
         if probe_kl > self.config.max_probe_kl:
             guard = "probe_kl"
             reason = f"probe KL {probe_kl:.4f} > --max-probe-kl {self.config.max_probe_kl}"
@@ -672,6 +719,8 @@ class Learner:
             gate = self.gate()
             if "refused" in gate:
                 guard, reason = "replay_gate", str(gate["refused"])
+            elif (evals := self.run_guard_evals()) is not None and not evals.ok:
+                guard, reason = "guard_eval", evals.reason
         metadata = {
             "objective": self.config.objective,
             "cursor": self.progress.cursor,
@@ -683,6 +732,7 @@ class Learner:
             "probe_kl": probe_kl,
             "gate": gate,
             "rejected_since_last": self.progress.rejected,
+            "guard_evals": evals.evidence() if evals is not None else None,
         }
         if reason:
             metadata["rejected"] = reason
@@ -704,6 +754,17 @@ class Learner:
                 )
         published = self.registry.latest()
         metrics.LAST_PUBLISH.set(time.time())
+        tracing.record(
+            "kaizen.publish",
+            tracing.version(published),
+            started,
+            version=published,
+            parent=self.version,
+            cursor=self.progress.cursor,
+            steps=self.progress.steps,
+            examples=metadata["window_examples"],
+            rejected=reason or None,
+        )
         if reason:
             self._restore()
             self.progress.rejected += 1

@@ -30,7 +30,7 @@ EXAMPLES = Counter(
 GUARD_TRIPS = Counter(
     "kaizen_learner_guard_trips_total",
     "Guards tripped: a dropped step (nonfinite_loss, nonfinite_grad) or a refused version "
-    "(probe_kl, replay_gate)",
+    "(probe_kl, replay_gate, guard_eval)",
     ["guard"],
 )
 SINCE_PUBLISH = Gauge(
@@ -72,6 +72,11 @@ LAST_PUBLISH = Gauge(
     "Unix time of the learner's last publish (rejected candidates included); 0 = none yet",
 )
 REJECTED = Counter("kaizen_learner_versions_rejected_total", "Candidates a guard refused")
+GUARD_REFUSALS = Counter(
+    "kaizen_learner_guard_refusals_total",
+    "Candidates refused by a guard eval, by the probe that failed (names from --guard-evals)",
+    ["probe"],
+)
 PUBLISHED = Counter("kaizen_learner_versions_published_total", "Versions published")
 VERSION = Gauge("kaizen_learner_version", "Number N of the last version vN published or resumed")
 
@@ -79,5 +84,5 @@ for _result in ("ok", "nonfinite_loss", "nonfinite_grad"):  # so a first failure
     STEPS.labels(_result)
 for _kind in ("trained", "held_out"):
     SINCE_PUBLISH.labels(_kind)
-for _guard in ("nonfinite_loss", "nonfinite_grad", "probe_kl", "replay_gate"):
+for _guard in ("nonfinite_loss", "nonfinite_grad", "probe_kl", "replay_gate", "guard_eval"):
     GUARD_TRIPS.labels(_guard)

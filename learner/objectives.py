@@ -6,11 +6,29 @@ to T; `mask` is 1 on response tokens). One forward pass gives, per answer b:
     logp_b   = Σ_t log π_θ(y_t | y_<t)                  policy, temperature 1
     ref_b    = Σ_t log π_ref(y_t | y_<t)                frozen base model
     kl_b     = mean_t KL(π_θ(·|y_<t) ‖ π_ref(·|y_<t))   exact, over the vocabulary
-    s_b      = exp(mean_t [log π_θ,T(y_t) − log μ(y_t)]) importance ratio against the
-               logged behaviour μ (at the temperature it was sampled with), length-
-               normalised; 1 where nobody sampled the answer (a user's correction) or it
-               was greedy. The data was sampled by older versions: s corrects for that.
+    s_b      = exp(mean_t [log q_θ(y_t) − log μ(y_t)])  importance ratio against the
+               logged behaviour μ, length-normalised; 1 where nobody sampled the answer
+               (a user's correction) or it was greedy. The data was sampled by older
+               versions: s corrects for that.
     w_b      = clip(s_b, 1 − ε, 1 + ε), detached        its clipped weight
+
+q_θ is the policy's *processed* distribution, the one the server samples from and logs
+log μ under (`kaizen.sampling`): softmax(logits / T), cut to the nucleus of mass top_p
+and renormalised, with the answer's own T and top_p. Scoring the full tempered softmax
+instead gives every kept token less mass than the nucleus did, so for top_p < 1 the
+ratio would be biased low for every answer, however on-policy.
+
+A response token outside the policy's own nucleus has q_θ = 0: the current policy
+cannot produce that answer, and its true importance weight is 0. Its s_b is set to
+e^−20 (the floor of the log ratio), so its weight is the lower clip 1 − ε, as for any
+answer the policy has moved far from, and reinforce's clipped surrogate gives it no
+gradient. We keep the example at 1 − ε rather than drop it (weight 0): q jumps to 0
+when a token leaves the nucleus, which tiny changes of the weights can cause, and the
+clip already bounds every other answer's weight to [1 − ε, 1 + ε]; dropping would let
+this one jump all the way to 0. For sft, kto and dpo the weight is a staleness
+correction, not an estimate, and an answer a user liked (or wrote) is still evidence of
+what users want after the policy's nucleus has moved. No −inf reaches the loss: the
+token's log q is replaced before the mean and the ratio set to the floor.
 
 and every loss adds β · mean_b kl_b, the KL to the reference:
 
@@ -33,7 +51,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kaizen.sampling import token_logprobs
 from learner.config import OBJECTIVES  # noqa: F401 - the names, next to their losses
+
+MAX_LOG_RATIO = 20.0  # |mean_t log(q/μ)| is capped here: s_b stays in [e^−20, e^20]
 
 
 def response_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -49,6 +70,31 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     ref_logp = ref_logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # (B, T-1)
     return F.pad(kl, (1, 0))  # (B, T)
+
+
+def processed_response_logprobs(
+    logits: torch.Tensor,  # (B, T, V)
+    ids: torch.Tensor,  # (B, T)
+    mask: torch.Tensor,  # (B, T) 1 on the tokens to score
+    temperature: torch.Tensor,  # (B,) > 0 on the rows to score
+    top_p: torch.Tensor,  # (B,)
+) -> torch.Tensor:
+    """log q(ids[t] | ids[<t]) under each row's processed distribution (its temperature,
+    then its nucleus), on the masked tokens of rows with temperature > 0; 0 elsewhere,
+    −inf on a token outside the row's nucleus. → (B, T)
+
+    Only those tokens' logits are taken out of the (B, T, V) tensor: prompts, padding
+    and unsampled rows cost nothing."""
+    B, T = ids.shape
+    scored = mask[:, 1:].bool() & (temperature > 0)[:, None]  # (B, T-1) predicts ids[:, 1:]
+    logq = token_logprobs(
+        logits[:, :-1][scored],  # (N, V)
+        ids[:, 1:][scored],
+        temperature[:, None].expand(B, T - 1)[scored],
+        top_p[:, None].expand(B, T - 1)[scored],
+    )
+    out = torch.zeros((B, T - 1), dtype=logq.dtype, device=logq.device)
+    return F.pad(out.masked_scatter(scored, logq), (1, 0))  # (B, T)
 
 
 @dataclass(frozen=True)
@@ -70,6 +116,7 @@ def forward_terms(
     mask: torch.Tensor,  # (B, T) 1 on response tokens
     behaviour: torch.Tensor,  # (B, T) logged log μ on response tokens, 0 elsewhere
     temperature: torch.Tensor,  # (B,) sampling temperature; 0 = no ratio (greedy, corrections)
+    top_p: torch.Tensor | None = None,  # (B,) nucleus mass it was sampled with; None = 1
     hidden: torch.Tensor | None = None,  # (B, T, H) policy's last hidden states
 ) -> Forward:
     mask = mask.float()
@@ -78,9 +125,14 @@ def forward_terms(
     ref_tok = response_logprobs(ref_logits, ids) * mask
     kl = (token_kl(logits, ref_logits) * mask).sum(-1) / n
     sampled = temperature > 0
-    t = torch.where(sampled, temperature, torch.ones_like(temperature))
-    tempered = response_logprobs(logits / t[:, None, None], ids) * mask
-    log_ratio = ((tempered - behaviour * mask).sum(-1) / n).clamp(-20, 20)
+    if top_p is None:
+        top_p = torch.ones_like(temperature)
+    logq = processed_response_logprobs(logits, ids, mask, temperature, top_p)  # (B, T)
+    outside = torch.isinf(logq)  # a token the policy's nucleus no longer keeps: q = 0
+    logq = torch.where(outside, torch.zeros_like(logq), logq)
+    log_ratio = ((logq - behaviour) * mask).sum(-1) / n
+    floor = torch.full_like(log_ratio, -MAX_LOG_RATIO)
+    log_ratio = torch.where(outside.any(-1), floor, log_ratio).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.where(sampled, log_ratio.exp(), torch.ones_like(log_ratio))
     pooled = None
     if hidden is not None:

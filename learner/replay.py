@@ -5,8 +5,13 @@ sampled it (the behaviour μ) and, once users reacted, rewards (the reward file;
 count for nothing here, since they need the judge). For a version π this module computes
 
 - the importance weight of each answer, π(answer) / μ(answer), from π's log-probabilities
-  at the temperature the answer was sampled with; greedy answers (nothing was sampled)
-  and nucleus-truncated ones are left out, since μ gives no density to compare with;
+  under the distribution it was sampled from (its temperature and nucleus,
+  `kaizen.sampling`); greedy answers (nothing was sampled) are left out, and so are
+  nucleus-truncated ones (top_p < 1): μ is zero outside its nucleus, so whatever mass
+  π's own nucleus puts on tokens μ cut is on answers the log can never contain, and
+  no weighting of logged answers sees it (IPS needs μ > 0 wherever π > 0). Training
+  may use them (its clipped ratio is a staleness weight, not an estimate); the gate,
+  whose bound is a promise, does not;
 - IPS, SNIPS, doubly robust and direct-method estimates of π's mean reward, with
   bootstrap intervals and the effective sample size (`learner.estimators`). The direct
   method is a ridge regression of the rewards on the base model's pooled last hidden
@@ -46,7 +51,7 @@ from kaizen.registry import BASE_VERSION, Registry
 from kaizen.rewards import RewardConfig, reward
 from learner.estimators import ESTIMATORS, effective_sample_size, estimate_all, weights
 from learner.examples import Answer, collate
-from learner.objectives import response_logprobs, token_kl
+from learner.objectives import processed_response_logprobs, response_logprobs, token_kl
 
 READ_PAGE = 1000
 
@@ -65,7 +70,8 @@ class Logged:
 
     @property
     def evaluable(self) -> bool:
-        """Sampled (not greedy, no nucleus cut), with a log μ for every token."""
+        """Sampled (not greedy, no nucleus cut: module docstring), with a log μ for every
+        token."""
         s, g = self.generation.sampling, self.generation
         return (
             s.temperature > 0
@@ -109,7 +115,7 @@ def load_logged(buffer: ReplayBuffer, rewards: RewardConfig, limit: int = 0) -> 
 class Terms:
     """Per answer, under one version: what the estimators and the drift need."""
 
-    tempered_logp: np.ndarray  # Σ log π_T(token), at the temperature it was sampled with
+    tempered_logp: np.ndarray  # Σ log q(token): π at the answer's temperature and top_p
     logp: np.ndarray  # Σ log π(token), temperature 1
     kl: np.ndarray  # Σ_t KL(π ‖ base) over the answer's tokens
     tokens: np.ndarray  # answer length
@@ -186,7 +192,7 @@ class Scorer:
         steps = range(0, len(answers), self.batch_size)
         for start in tqdm(steps, desc=desc or f"scoring {version}", leave=False, disable=not desc):
             batch = answers[start : start + self.batch_size]
-            ids, attention, mask, _, temperature = collate(
+            ids, attention, mask, _, temperature, top_p = collate(
                 batch, self.tokenizer.pad_token_id, self.device
             )
             with self.active(version):
@@ -194,9 +200,9 @@ class Scorer:
             m = mask.float()
             n = m.sum(-1).clamp(min=1)
             t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-            parts["tempered_logp"].append(
-                (response_logprobs(logits / t[:, None, None], ids) * m).sum(-1).cpu().numpy()
-            )
+            # q: the distribution the answer was sampled from; −inf if π's nucleus drops a token
+            logq = processed_response_logprobs(logits, ids, mask, t, top_p)
+            parts["tempered_logp"].append(logq.sum(-1).cpu().numpy())
             parts["logp"].append((response_logprobs(logits, ids) * m).sum(-1).cpu().numpy())
             parts["tokens"].append(n.cpu().numpy())
             if not reference:

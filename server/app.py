@@ -21,6 +21,7 @@ from kaizen.auth import Authenticator
 from kaizen.bucket import Buckets, load_or_create_secret
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.events import Sampling
+from kaizen.guard import greedy_answers, guard_evals_from_flag
 from kaizen.registry import Registry
 from kaizen.rewards import load_rewards
 from kaizen.v1 import (
@@ -138,6 +139,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
             config.port,
         )
     rewards = load_rewards(config.rewards)  # a bad file fails before the model loads
+    guard = guard_evals_from_flag(config.guard_evals)  # so does a bad guard file
     info = modeling.model_info(config.model)
     device = modeling.pick_device(config.device)
     dtype = modeling.pick_dtype(config.dtype, device)
@@ -145,6 +147,8 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
     model = modeling.load_model(config.model, device, dtype)
     stop_ids = modeling.stop_token_ids(tokenizer)
     log.info("loaded %s from %s on %s (%s)", info.name, config.model, device, dtype)
+    if guard is not None:  # what the base model itself fails is set aside
+        guard = guard.calibrated(greedy_answers(model, tokenizer, guard.probes))
 
     buffer = open_buffer(config.buffer)
     registry = Registry(config.registry)
@@ -165,6 +169,8 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         config.canary_policy(),
         rewards,
         Buckets(load_or_create_secret(registry.root)),
+        guard=guard,
+        tokenizer=tokenizer,
     )
     watcher = RegistryWatcher(registry, engine, rollout, info.name, config.poll_registry_s)
     watcher.resume()  # the promoted version (and a canary) from the first request on

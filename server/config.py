@@ -108,6 +108,11 @@ class ServeConfig:
     rewards: Path | None = option(
         None, "reward configuration (TOML) for the canary test; default: the shipped one"
     )
+    guard_evals: str = option(
+        "default",
+        "probes with rules a canary must pass before the test may promote it (TOML, see "
+        "kaizen/guard.py): a file, default (the shipped kaizen/data/guard_evals.toml) or none",
+    )
     user_requests_per_min: float = option(60.0, "chat requests a minute per end user")
     key_requests_per_min: float = option(6000.0, "chat requests a minute per API key")
     user_feedback_per_min: float = option(120.0, "feedback events a minute per end user")

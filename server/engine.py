@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from kaizen.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from kaizen.events import Sampling
 from kaizen.registry import BASE_VERSION, version_number
+from kaizen.sampling import processed_logprobs
 from server import metrics
 
 log = logging.getLogger(__name__)
@@ -134,22 +135,15 @@ def sample_rows(
     """Draw one token per row; return the tokens and their log-probabilities under the
     distribution each row actually sampled from (temperature, then nucleus).
 
-    The softmax and the nucleus sort run once for the whole batch; only the draw is per
-    row, with the row's own generator, so a seed reproduces its answer in any batch.
+    The distribution is `kaizen.sampling`'s, the one the learner scores its importance
+    ratios against; the softmax and the nucleus sort run once for the whole batch, and
+    only the draw is per row, with the row's own generator, so a seed reproduces its
+    answer in any batch.
     """
     logits = logits.float()  # (B, V)
-    temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in rows])
-    logp = torch.log_softmax(logits / temps.to(logits.device)[:, None], dim=-1)
-    nucleus = [i for i, s in enumerate(rows) if 0 < s.temperature and s.top_p < 1.0]
-    if nucleus:
-        top_p = torch.tensor([rows[i].top_p for i in nucleus], device=logits.device)[:, None]
-        sorted_logp, order = logp[nucleus].sort(dim=-1, descending=True)
-        probs = sorted_logp.exp()
-        # keep the smallest prefix whose mass reaches top_p (the first token always)
-        mass_before = probs.cumsum(-1) - probs
-        sorted_logp = sorted_logp.masked_fill(mass_before >= top_p, float("-inf"))
-        kept = torch.full_like(sorted_logp, float("-inf")).scatter(-1, order, sorted_logp)
-        logp[nucleus] = torch.log_softmax(kept, dim=-1)
+    temps = torch.tensor([s.temperature for s in rows], device=logits.device)
+    top_p = torch.tensor([s.top_p for s in rows], device=logits.device)
+    logp = processed_logprobs(logits, temps, top_p)
     probs = logp.exp()
     tokens, logprobs = [], []
     for i, s in enumerate(rows):

@@ -117,12 +117,19 @@ CANARY_DIFF = Gauge(
 )
 CANARY_DECISIONS = Counter(
     "kaizen_canary_decisions_total",
-    "Rollout decisions, by decision (promote, rollback) and by whom (test, operator)",
+    "Rollout decisions, by decision (promote, rollback) and by whom (test, operator, guard)",
     ["decision", "by"],
 )
 for _decision in ("promote", "rollback"):
     for _by in ("test", "operator"):
         CANARY_DECISIONS.labels(_decision, _by)
+CANARY_DECISIONS.labels("rollback", "guard")
+CANARY_GUARD_REFUSALS = Counter(
+    "kaizen_canary_guard_refusals_total",
+    "Canaries the test would have promoted, rolled back by a guard eval, by the probe that "
+    "failed (names from --guard-evals)",
+    ["probe"],
+)
 AUTH_ENABLED = Gauge(
     "kaizen_auth_enabled", "1 when every RPC needs a credential; 0 under --insecure-no-auth"
 )

@@ -7,31 +7,40 @@ meanwhile wait, and the newest of them is the next canary (or replaces a canary 
 stayed undecided for --canary-supersede-after-s). Live feedback on answers from
 either arm feeds the sequential test; its decision, and any operator's Promote or
 Rollback, is applied to the engine, written to the registry (`rollout/vN.json`, which
-is what a restarted server and the learner's gate read) and exported as metrics.
+is what a restarted server and the learner's gate read) and exported as metrics. Before
+the test's promote is applied, the guard evals (`kaizen.guard`, --guard-evals) run on the
+canary through the engine; one failed probe rolls it back instead.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 
+from kaizen import tracing
 from kaizen.bucket import Buckets
 from kaizen.buffer import ReplayBuffer
 from kaizen.errors import CorruptVersion, FailedPrecondition, InvalidArgument, Unavailable
-from kaizen.events import Feedback
+from kaizen.events import Feedback, Sampling
+from kaizen.guard import GuardEvals
+from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import RewardConfig, reward
 from server import metrics
 from server.canary import CanaryPolicy, Experiment
-from server.engine import Adapter, Engine
+from server.engine import Adapter, Engine, Failed, Finished, Request, Token
 
 log = logging.getLogger(__name__)
 
 LATE_INSTALL_S = 60.0  # a restore the decode loop has taken finishes within this
 MAX_REMEMBERED = 100_000  # answers whose version is known without asking the buffer
+GUARD_TRIES = 5  # a canary whose guard evals fail to run this many times is rolled back
+GUARD_TIMEOUT_S = 600.0  # a guard-eval run not finished by then has failed to run
+GUARD_IN_FLIGHT = 4  # guard-eval requests in the engine at once
 
 
 class Rollout:
@@ -44,8 +53,16 @@ class Rollout:
         policy: CanaryPolicy,
         rewards: RewardConfig,
         buckets: Buckets,
+        guard: GuardEvals | None = None,
+        tokenizer=None,  # encodes the guard's prompts and decodes its answers
     ) -> None:
+        if guard is not None and tokenizer is None:
+            raise ValueError("guard: the guard evals need the tokenizer")
         self.engine = engine
+        self.guard = guard  # --guard-evals, calibrated on the base model; None = off
+        self.tokenizer = tokenizer
+        self._guard_run: _GuardRun | None = None  # the guard evals in flight on the canary
+        self._guard_tries: collections.Counter[str] = collections.Counter()
         self.buckets = buckets
         self.registry = registry
         self.buffer = buffer
@@ -148,9 +165,63 @@ class Rollout:
             self._export(e)
             if not decision:
                 self._forecast(e, time.time() if now is None else now)
+            if decision == "promote" and self.guard is not None:
+                refused, evidence = self._guard_canary(e)
+                if refused is None:
+                    return ""  # the guard evals still run; a later tick applies the decision
+                if refused:
+                    e.settle("rollback", refused, outcome=e.outcome)
+                    self._apply(e, "rollback", refused, by="guard", guard=evidence)
+                    return "rollback"
+                self._apply(e, decision, e.reason, by="test", guard=evidence)
+                return decision
             if decision:
                 self._apply(e, decision, e.reason, by="test")
             return decision
+
+    def _guard_canary(self, e: Experiment) -> tuple[str | None, dict[str, object]]:
+        """The guard evals on a canary the test would promote, run through the engine like
+        any request: (None, {}) while they run; then ("", evidence) when every probe
+        passed, or (the reason to roll it back, evidence). A run that cannot finish (a full
+        queue, a decode error, GUARD_TIMEOUT_S) is retried at the next tick, GUARD_TRIES
+        times in all: a canary the guard cannot check is not promoted."""
+        assert self.guard is not None
+        run = self._guard_run
+        try:
+            if run is None:
+                run = self._guard_run = _GuardRun(self.engine, self.tokenizer, self.guard, e.canary)
+                log.info(
+                    "canary %s: the test would promote it; asking it %d guard evals first",
+                    e.canary,
+                    len(self.guard),
+                )
+            answers = run.poll()
+            if answers is None and time.monotonic() - run.started > GUARD_TIMEOUT_S:
+                raise TimeoutError(f"not finished in {GUARD_TIMEOUT_S:g} s")
+        except Exception as exc:  # logged, retried, and at the last try the reason
+            self._drop_guard_run()
+            self._guard_tries[e.canary] += 1
+            tries = self._guard_tries[e.canary]
+            log.warning(
+                "canary %s: the guard evals failed to run (try %d): %r", e.canary, tries, exc
+            )
+            if tries < GUARD_TRIES:
+                return None, {}
+            why = f"guard evals could not run on {e.canary} ({tries} tries): {exc!r}"
+            return why, {"checked": 0, "failed": [], "error": why}
+        if answers is None:
+            return None, {}
+        self._guard_run = None
+        result = self.guard.check(answers)
+        for f in result.failures:
+            metrics.CANARY_GUARD_REFUSALS.labels(f.probe).inc()
+            log.warning("canary %s refused by %s; it answered %r", e.canary, f.reason, f.answer)
+        return result.reason, result.evidence()
+
+    def _drop_guard_run(self) -> None:
+        if self._guard_run is not None:
+            self._guard_run.cancel()
+            self._guard_run = None
 
     def would_yield(self, version: str, now: float | None = None) -> bool:
         """Whether `yield_to(version)` would end the running canary now (it does nothing)."""
@@ -226,10 +297,13 @@ class Rollout:
             metrics.CANARY_USERS.labels(arm, "final").set(a.n)
             metrics.CANARY_USERS.labels(arm, "pending").set(len(getattr(a, "pending", ())))
 
-    def _apply(self, e: Experiment, decision: str, reason: str, by: str) -> None:
+    def _apply(
+        self, e: Experiment, decision: str, reason: str, by: str, guard: dict | None = None
+    ) -> None:
         version = e.canary
+        evidence = e.evidence() | ({"guard_evals": guard} if guard is not None else {})
         if decision == "promote" and self.engine.promote_canary(version):
-            self.registry.record_rollout(version, PROMOTED, reason, e.evidence(), by=by)
+            self.registry.record_rollout(version, PROMOTED, reason, evidence, by=by)
         else:
             if decision == "promote":  # its install failed, or it is gone: never served
                 reason = (
@@ -238,12 +312,14 @@ class Rollout:
                 )
                 decision = "rollback"
             self.engine.drop_canary(version)
-            self.registry.record_rollout(version, ROLLED_BACK, reason, e.evidence(), by=by)
+            self.registry.record_rollout(version, ROLLED_BACK, reason, evidence, by=by)
         self._end(e, decision, by)
         log.info("canary %s: %s (%s) — %s", version, decision, by, reason)
+        _traced(version, decision, by, reason, int(e.started_at * 1e9))  # the canary's span
 
     def _end(self, e: Experiment, decision: str, by: str) -> None:
         metrics.CANARY_DECISIONS.labels(decision, by).inc()
+        self._drop_guard_run()
         _clear_canary_gauges()
         self.history[e.canary] = e
         self.experiment = None
@@ -254,6 +330,7 @@ class Rollout:
         if e is None:
             return
         self.engine.drop_canary(e.canary)
+        self._drop_guard_run()
         _clear_canary_gauges()
         self.experiment = None
         log.info("canary %s stopped without a verdict: %s", e.canary, why)
@@ -311,6 +388,12 @@ class Rollout:
         self._check_known(version)
         reason = reason or "promoted by an operator"
         with self._lock:
+            if self.guard is not None:
+                log.warning(
+                    "%s promoted by an operator: the guard evals (--guard-evals) do not run "
+                    "on an operator's Promote",
+                    version,
+                )
             if self._operator_decides_canary(version, "promote", reason):
                 return
             if version == self.engine.version:
@@ -321,6 +404,7 @@ class Rollout:
             if version != BASE_VERSION:
                 self.registry.record_rollout(version, PROMOTED, reason, by="operator")
             metrics.CANARY_DECISIONS.labels("promote", "operator").inc()
+            _traced(version, "promote", "operator", reason)
 
     def rollback(self, version: str, reason: str) -> str:
         """Stop serving `version` (the canary, or the serving version); returns the version
@@ -344,6 +428,7 @@ class Rollout:
             self._serve(previous)
             self.registry.record_rollout(version, ROLLED_BACK, reason, by="operator")
             metrics.CANARY_DECISIONS.labels("rollback", "operator").inc()
+            _traced(version, "rollback", "operator", reason)
             return previous
 
     def _previous(self, version: str) -> str:
@@ -354,6 +439,59 @@ class Rollout:
         )
         earlier = [str(r["version"]) for r in promoted if r["version"] != version]
         return earlier[-1] if earlier else BASE_VERSION
+
+
+class _GuardRun:
+    """The guard evals in flight on one canary: greedy requests pinned to it, submitted to
+    the engine like any other (GUARD_IN_FLIGHT at a time, so users' requests keep their
+    places in the queue) and read without waiting, so no tick blocks on them."""
+
+    def __init__(self, engine: Engine, tokenizer, guard: GuardEvals, version: str) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.version = version
+        self.started = time.monotonic()
+        self.waiting = list(guard.probes)
+        self.total = len(self.waiting)
+        self.requests: dict[str, Request] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.answers: dict[str, str] = {}
+
+    def poll(self) -> dict[str, str] | None:
+        """Every probe's answer once all finished, else None; a failed request's error."""
+        for name, request in self.requests.items():
+            while name not in self.answers:
+                try:
+                    event = request.events.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(event, Token):
+                    self.tokens[name].append(event.token_id)
+                elif isinstance(event, Finished):
+                    text = self.tokenizer.decode(self.tokens[name], skip_special_tokens=True)
+                    self.answers[name] = text
+                elif isinstance(event, Failed):
+                    raise event.error
+        while self.waiting and len(self.requests) - len(self.answers) < GUARD_IN_FLIGHT:
+            probe = self.waiting.pop(0)
+            sampling = Sampling(probe.max_new_tokens, temperature=0.0, seed=1)
+            prompt = chat_prompt_ids(self.tokenizer, probe.chat)
+            self.tokens[probe.name] = []
+            self.requests[probe.name] = self.engine.submit(Request(prompt, sampling, self.version))
+        return self.answers if len(self.answers) == self.total else None
+
+    def cancel(self) -> None:
+        for request in self.requests.values():
+            request.cancel()
+
+
+def _traced(version: str, decision: str, by: str, reason: str, start_ns: int | None = None) -> None:
+    """A `kaizen.rollout` span in the version's trace: a canary's, from its start to the
+    decision; an operator's promote or rollback of a version that was not the canary."""
+    key = tracing.version(version)
+    tracing.record(
+        "kaizen.rollout", key, start_ns, version=version, decision=decision, by=by, reason=reason
+    )
 
 
 def _summary(e: Experiment) -> str:

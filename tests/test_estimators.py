@@ -134,6 +134,20 @@ def test_a_paired_difference_is_tighter_than_either_estimate_and_sees_a_worse_po
     assert diff - low < 0.5 * (own.value - own.low)  # the paired bound is much narrower
 
 
+def test_an_answer_the_candidate_cannot_produce_weighs_nothing_and_estimates_stay_finite():
+    """A logged token outside the candidate's nucleus: log π = −inf. Its weight is 0 (to
+    the cap e^−50), the others are untouched, and no estimate becomes NaN."""
+    target = np.array([-np.inf, -3.0, -2.0, -2.5])
+    behaviour = np.array([-2.0, -3.0, -2.0, -2.5])
+    r = np.array([1.0, -1.0, 1.0, -1.0])
+    for w in (weights(target, behaviour), weights(target, behaviour, np.full(4, 8))):
+        assert w[0] < 1e-20 and w[1:] == pytest.approx(np.ones(3))
+        assert effective_sample_size(w) == pytest.approx(3.0)
+        estimates = estimate_all(w, r, resamples=50)
+        assert all(np.isfinite([e.value, e.low, e.high]).all() for e in estimates.values())
+        assert estimates["snips"].value == pytest.approx(np.mean(r[1:]))
+
+
 def test_estimates_refuse_mismatched_inputs():
     with pytest.raises(ValueError, match="weights and rewards"):
         estimate_all(np.ones(3), np.ones(4))

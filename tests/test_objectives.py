@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import PROMOTED, ROLLED_BACK, Registry
+from kaizen.sampling import processed_logprobs, token_logprobs
 from kaizen.sim.preferences import concise, follow_up, likes_concise, likes_follow_up
 from learner import metrics
 from learner.config import LearnerConfig
@@ -19,10 +22,16 @@ from learner.examples import Answer, Pair, Scored, Shaper, Target, collate
 from learner.judge import CommentJudge, labelled_comments
 from learner.loop import Learner
 from learner.objectives import (
+    MAX_LOG_RATIO,
     Forward,
+    clipped_weight,
+    dpo_loss,
     forward_terms,
+    kto_loss,
+    processed_response_logprobs,
     reinforce_loss,
     response_logprobs,
+    sft_loss,
 )
 from tests.conftest import policy_logprobs
 
@@ -139,13 +148,20 @@ def test_the_joint_feedback_head_learns_to_predict_rewards(config):
     def predicted() -> list[float]:
         learner.model.eval()
         answers = [Answer.of(good), Answer.of(bad)]
-        ids, attention, mask, behaviour, temperature = collate(
+        ids, attention, mask, behaviour, temperature, top_p = collate(
             answers, learner.tokenizer.pad_token_id, learner.device
         )
         with torch.no_grad():
             out = learner.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
             f = forward_terms(
-                out.logits, out.logits, ids, mask, behaviour, temperature, out.hidden_states[-1]
+                out.logits,
+                out.logits,
+                ids,
+                mask,
+                behaviour,
+                temperature,
+                top_p,
+                out.hidden_states[-1],
             )
             return learner.head(f.hidden).tolist()
 
@@ -342,7 +358,12 @@ def held_out_ids(learner: Learner, n: int, prefix: str) -> list[str]:
 def test_the_replay_gate_refuses_a_candidate_worse_on_held_out_traffic(config, taught):
     learner = Learner(
         dataclasses.replace(
-            config, objective="sft", gate_holdout=0.5, gate_min_events=8, max_probe_kl=10.0
+            config,
+            objective="sft",
+            gate_holdout=0.5,
+            gate_min_events=8,
+            gate_min_ess=0.0,  # the margin's test; the ESS floor has its own
+            max_probe_kl=10.0,
         )
     )
     good, bad = "Lyon is in France.", "Lyon is a kind of cheese."
@@ -375,10 +396,69 @@ def test_the_replay_gate_refuses_a_candidate_worse_on_held_out_traffic(config, t
         assert gate["difference_low"] >= -gate["margin"]
 
 
-def test_the_replay_gate_compares_with_what_servers_serve(config):
+def test_the_replay_gate_abstains_below_its_effective_sample_size_floor(config, caplog):
+    """The candidate the gate approves in the test above ("good"), judged with a floor on
+    the weights' ESS above what its 16 held-out events give: it abstains, says why, logs
+    it and counts it; with the floor just below, the same candidate is approved."""
     learner = Learner(
         dataclasses.replace(
             config, objective="sft", gate_holdout=0.5, gate_min_events=8, max_probe_kl=10.0
+        )
+    )
+    good, bad = "Lyon is in France.", "Lyon is a kind of cheese."
+    events = []
+    for i, rid in enumerate(held_out_ids(learner, 16, "h")):
+        g = sampled(learner, rid, good if i % 2 else bad, user=f"u{i}")
+        events.append((g, thumb(g, up=bool(i % 2))))
+    trained = [rid for rid in (f"t{i}" for i in range(100)) if not learner.held_out(rid)][:4]
+    for rid in trained:
+        g = sampled(learner, rid, good)
+        events.append((g, thumb(g, up=True)))
+    train(learner, events, steps=6)
+    learner.train_pending()
+
+    learner.config = dataclasses.replace(learner.config, gate_min_ess=0.0)
+    free = learner.gate()
+    assert free["judged"] and "refused" not in free  # approved without a floor
+    ess = min(free["candidate_ess"], free["last_ess"])
+    assert ess < 16  # the candidate moved: the weights are not all 1
+
+    learner.config = dataclasses.replace(learner.config, gate_min_ess=ess + 0.5)
+    candidate = [p.detach().clone() for p in learner.params]
+    trips = metrics.GUARD_TRIPS.labels("replay_gate")._value.get()
+    with caplog.at_level("WARNING", logger="learner.loop"):
+        assert learner.publish() is None
+    registry = Registry(config.registry)
+    reason = registry.rejected("v1")
+    assert reason.startswith("replay gate abstains")
+    assert f"effective sample size is {ess:.1f} of 16" in reason
+    assert f"--gate-min-ess {ess + 0.5:g}" in reason
+    assert any("replay gate abstains" in r.getMessage() for r in caplog.records)
+    gate = registry.manifest("v1").metadata["gate"]
+    assert gate["abstained"] and gate["min_ess"] == ess + 0.5
+    assert gate["difference_low"] >= -gate["margin"]  # the bound alone would have approved
+    assert metrics.GUARD_TRIPS.labels("replay_gate")._value.get() == trips + 1
+    assert learner.version == "v0" and registry.latest_servable() == "v0"
+
+    # the same candidate with the floor just below its ESS: approved and published
+    with torch.no_grad():
+        for p, value in zip(learner.params, candidate, strict=True):
+            p.copy_(value)
+    learner.config = dataclasses.replace(learner.config, gate_min_ess=ess - 0.5)
+    assert learner.publish() == "v2"
+    gate = registry.manifest("v2").metadata["gate"]
+    assert "abstained" not in gate and min(gate["candidate_ess"], gate["last_ess"]) == ess
+
+
+def test_the_replay_gate_compares_with_what_servers_serve(config):
+    learner = Learner(
+        dataclasses.replace(
+            config,
+            objective="sft",
+            gate_holdout=0.5,
+            gate_min_events=8,
+            gate_min_ess=0.0,  # the margin's test; the ESS floor has its own
+            max_probe_kl=10.0,
         )
     )
     good, bad = "Lyon is in France.", "Lyon is a kind of cheese."
@@ -408,3 +488,146 @@ def test_the_replay_gate_compares_with_what_servers_serve(config):
     registry.record_rollout("v1", ROLLED_BACK, "operator rollback")  # back to v0
     assert learner.gate_against() == "v0" and learner.gate()["last"] == "v0"
     assert all(torch.equal(a, b) for a, b in zip(mine, learner.params, strict=True))
+
+
+# -- off-policy honesty: the ratio scores the distribution the server sampled from ---------
+
+
+def sample_answers(model, prompt: list[int], rows: list[Sampling], steps: int):
+    """Answers drawn token by token with the server's own sampler (`sample_rows`), one per
+    row of `rows`, each with its own seeded generator: (responses, logged log μ)."""
+    from server.engine import sample_rows
+
+    generators = [torch.Generator().manual_seed(i + 1) for i in range(len(rows))]
+    ids = torch.tensor([prompt] * len(rows))
+    logged = []
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens, logprobs = sample_rows(model(input_ids=ids).logits[:, -1], rows, generators)
+            ids = torch.cat([ids, torch.tensor(tokens)[:, None]], dim=1)
+            logged.append(logprobs)
+    return ids[:, len(prompt) :].tolist(), torch.tensor(logged).T.tolist()
+
+
+def test_nucleus_answers_are_rescored_to_the_log_probabilities_the_sampler_logged(config):
+    """Issue 19: sampled with top_p = 0.8 at T = 0.7, re-scored by the learner's code path,
+    every token's logged log μ comes back; the full tempered softmax would not give it."""
+    learner = Learner(config)
+    model = learner.model.eval()
+    prompt = chat_prompt_ids(learner.tokenizer, [{"role": "user", "content": "Where is Lyon?"}])
+    rows = [Sampling(temperature=0.7, top_p=0.8)] * 3 + [Sampling(temperature=1.3, top_p=0.5)]
+    responses, logged = sample_answers(model, prompt, rows, steps=12)
+    answers = [
+        Answer.of(
+            Generation(f"r{i}", "u", "", "v0", [], prompt, response, mu, "", "length", s, 0.0)
+        )
+        for i, (response, mu, s) in enumerate(zip(responses, logged, rows, strict=True))
+    ]
+    assert [a.top_p for a in answers] == pytest.approx([0.8, 0.8, 0.8, 0.5])
+    ids, attention, mask, behaviour, temperature, top_p = collate(
+        answers, learner.tokenizer.pad_token_id, learner.device
+    )
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits
+    rescored = processed_response_logprobs(logits, ids, mask, temperature, top_p)
+    on = mask.bool()
+    assert torch.allclose(rescored[on], behaviour[on], atol=1e-5)
+    f = forward_terms(logits, logits, ids, mask, behaviour, temperature, top_p)
+    assert torch.allclose(f.ratio, torch.ones(4), atol=1e-5)  # the logging policy: s = 1
+    # the old scoring, the full softmax at the answer's temperature, is off by the
+    # nucleus's mass on every token: its ratio was biased low however on-policy
+    full = response_logprobs(logits / temperature[:, None, None], ids)
+    assert ((full[on] - behaviour[on]).abs() > 0.05).all()
+    old = forward_terms(logits, logits, ids, mask, behaviour, temperature)  # top_p ignored
+    assert (old.ratio < 0.95).all()
+
+
+def test_the_processed_distribution_is_the_samplers_own_ties_included():
+    """Every token the sampler draws, across rows of tied logits at the nucleus boundary,
+    has the log-probability `kaizen.sampling` gives it, and nothing outside its nucleus."""
+    from server.engine import sample_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 40)
+    logits[:, :8] = 3.0  # eight tied top tokens: the sort's order picks who is cut
+    rows = [
+        Sampling(temperature=0.7, top_p=0.8),
+        Sampling(temperature=1.0, top_p=0.3),
+        Sampling(temperature=0.5, top_p=1.0),
+        Sampling(temperature=1.3, top_p=0.95),
+    ]
+    t = torch.tensor([s.temperature for s in rows])
+    p = torch.tensor([s.top_p for s in rows])
+    full = processed_logprobs(logits, t, p)
+    assert torch.allclose(full.exp().sum(-1), torch.ones(4), atol=1e-5)
+    assert full[1].isfinite().sum() < 8  # the tie is cut through
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    seen = set()
+    for _ in range(200):
+        tokens, logprobs = sample_rows(logits, rows, generators)
+        got = token_logprobs(logits, torch.tensor(tokens), t, p)
+        assert got.tolist() == pytest.approx(logprobs, abs=1e-6)
+        assert full.gather(-1, torch.tensor(tokens)[:, None])[:, 0].tolist() == pytest.approx(
+            logprobs, abs=1e-6
+        )
+        seen |= {(i, tok) for i, tok in enumerate(tokens)}
+    assert {(i, tok) for i, tok in seen if not full[i, tok].isfinite()} == set()
+    assert len({tok for i, tok in seen if i == 1}) == int(full[1].isfinite().sum())
+
+
+def test_the_processed_log_probability_is_differentiable_on_the_kept_tokens():
+    logits = torch.randn(3, 5, 16, requires_grad=True)
+    tokens = logits.detach().argmax(-1)  # the most likely token is always kept
+    t, p = torch.tensor([0.7, 1.0, 0.0]), torch.tensor([0.6, 0.9, 0.5])  # row 2: greedy, no cut
+    token_logprobs(logits, tokens, t, p).sum().backward()
+    by_token = logits.grad.clone()
+    logits.grad = None
+    full = processed_logprobs(logits, t, p)
+    full.gather(-1, tokens[..., None]).sum().backward()
+    assert torch.allclose(by_token, logits.grad, atol=1e-6)
+    dropped = ~full.isfinite()
+    assert dropped[:2].any() and (by_token[dropped] == 0).all()  # the cut is not learned through
+    assert not dropped[2].any()  # greedy rows get the plain softmax at temperature 1
+
+
+def test_a_token_outside_the_policys_nucleus_weighs_one_minus_eps_and_the_loss_is_finite():
+    """q = 0 for a logged token the current nucleus drops: s ≈ 0, weight 1 − ε, every loss
+    finite with finite gradients; the other answer keeps its on-policy ratio of 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    logits[:, :, 0] = -8.0  # token 0 is far out of any nucleus of mass 0.5
+    logits.requires_grad_(True)
+    ids = F.pad(logits.detach()[:, :-1].argmax(-1), (1, 0))  # the likeliest: always kept
+    ids[0, 2] = 0  # but row 0 logged token 0 at t = 2
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1]])
+    t, p = torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        behaviour = processed_response_logprobs(logits, ids, mask, t, p)
+    assert torch.isinf(behaviour[0, 2]) and torch.isfinite(behaviour[1]).all()
+    behaviour[0, 2] = -9.0  # an older policy, whose nucleus still held it, sampled it
+    f = forward_terms(logits, logits.detach(), ids, mask, behaviour, t, p)
+    assert torch.isfinite(f.ratio).all()
+    ratio = f.ratio.detach()
+    assert float(ratio[0]) == pytest.approx(math.exp(-MAX_LOG_RATIO))
+    assert float(ratio[1]) == pytest.approx(1.0, abs=1e-5)
+    eps = 0.2
+    assert clipped_weight(f.ratio, eps).tolist() == pytest.approx([1 - eps, 1.0])
+    losses = {
+        "reinforce": reinforce_loss(f, torch.tensor([1.0, -1.0]), eps),
+        "kto": kto_loss(f, torch.tensor([True, False]), eps, 0.1),
+        "sft": sft_loss(f, eps),
+        "dpo": dpo_loss(_row(f, 0), _row(f, 1), eps, 0.1),
+    }
+    for name, loss in losses.items():
+        assert torch.isfinite(loss), name
+        (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        assert torch.isfinite(grad).all(), name
+    # reinforce: an answer the policy cannot produce gives no policy gradient (PPO's clip)
+    alone = reinforce_loss(_row(f, 0), torch.tensor([1.0]), eps)
+    (grad,) = torch.autograd.grad(alone, logits)
+    assert float(grad.abs().sum()) == 0.0
+
+
+def _row(f: Forward, i: int) -> Forward:
+    parts = (getattr(f, field.name) for field in dataclasses.fields(f))
+    return Forward(*(None if x is None else x[i : i + 1] for x in parts))

@@ -145,3 +145,45 @@ def test_replay_export_joins_answers_and_feedback(logged, serve_config, tmp_path
     liked = by_id[answers[0].response_id]
     assert liked["reward"] == 1.0 and liked["behaviour_logprob"] < 0
     assert json.loads(liked["messages"])[0]["content"] == PROMPTS[0]
+
+
+def test_a_nucleus_answer_the_server_logged_is_rescored_to_its_logged_log_probabilities(
+    server, stubs, serve_config, tiny_model
+):
+    """Issue 19, end to end: answers the server samples at T = 0.7, top_p = 0.8 are
+    re-scored by the learner's code path (the replay scorer's, the training ratio's) to
+    the log μ the server logged for every token; the full tempered softmax is not."""
+    import torch
+
+    from kaizen import modeling
+    from kaizen.buffer import open_buffer
+    from learner.examples import Answer, collate
+    from learner.objectives import processed_response_logprobs, response_logprobs
+
+    response_ids = []
+    for seed in (1, 2, 3):
+        request = ask(PROMPTS[seed % 3], max_new_tokens=16, temperature=0.7, seed=seed)
+        request.sampling.top_p = 0.8
+        request.sampling.ignore_eos = True  # 16 tokens each
+        response_ids.append(stubs.chat.Generate(request).response_id)
+    buffer = open_buffer(serve_config.buffer, must_exist=True)
+    try:
+        generations = [buffer.generation(rid) for rid in response_ids]
+    finally:
+        buffer.close()
+    answers = [Answer.of(g) for g in generations]
+    assert all(a.behaviour is not None and len(a.response) == 16 for a in answers)
+    assert [a.top_p for a in answers] == pytest.approx([0.8] * 3)
+
+    model = modeling.load_model(tiny_model, torch.device("cpu"), torch.float32).eval()
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    ids, attention, mask, behaviour, temperature, top_p = collate(
+        answers, tokenizer.pad_token_id, torch.device("cpu")
+    )
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits
+    on = mask.bool()
+    rescored = processed_response_logprobs(logits, ids, mask, temperature, top_p)
+    assert torch.allclose(rescored[on], behaviour[on], atol=1e-5)
+    full = response_logprobs(logits / temperature[:, None, None], ids)
+    assert ((full[on] - behaviour[on]).abs() > 0.05).all()

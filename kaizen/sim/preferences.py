@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kaizen.config import load_callable
 from kaizen.events import FeedbackKind
 
 FILLER = re.compile(
@@ -261,18 +262,9 @@ def load_preference(spec: str):
     """`concise`, `follow_up`, or `module:function` for one of your own."""
     if spec in SHIPPED:
         return SHIPPED[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+    if ":" not in spec:
         raise ValueError(
             f"--preference: {spec!r} is neither a shipped preference "
             f"({', '.join(SHIPPED)}) nor module:function"
         )
-    import importlib
-
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"--preference: cannot load {spec}: {exc}") from None
-    if not callable(fn):
-        raise ValueError(f"--preference: {spec} is not callable")
-    return fn
+    return load_callable(spec, "--preference")
