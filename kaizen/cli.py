@@ -13,8 +13,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from kaizen import logs, tracing
 from kaizen.modeling import DEFAULT_MODEL_DIR
+from kaizen.telemetry import logs, tracing
 
 
 def _model_prepare(args: argparse.Namespace) -> int:

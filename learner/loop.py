@@ -40,7 +40,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from kaizen import modeling, tracing
+from kaizen import modeling
 from kaizen.bucket import Buckets, load_or_create_secret
 from kaizen.buffer import ReplayBuffer, open_buffer
 from kaizen.errors import Unavailable
@@ -48,6 +48,7 @@ from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.guard import GuardResult, greedy_answers, guard_evals_from_flag
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import load_rewards, reward
+from kaizen.telemetry import tracing
 from learner import metrics
 from learner.config import LearnerConfig
 from learner.estimators import effective_sample_size, estimate_all, paired_difference, weights

@@ -35,9 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from kaizen import logs
 from kaizen.auth import Principal
 from kaizen.errors import Cancelled, InvalidArgument, KaizenError, NotFound, ResourceExhausted
+from kaizen.telemetry import logs
 from kaizen.v1 import chat_pb2, feedback_pb2, model_pb2
 from server import metrics
 from server.auth import AuthInterceptor

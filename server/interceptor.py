@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from kaizen import logs
 from kaizen.errors import KaizenError
+from kaizen.telemetry import logs
 from server import metrics
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from kaizen import tracing
 from kaizen.bucket import Buckets
 from kaizen.buffer import ReplayBuffer
 from kaizen.errors import CorruptVersion, FailedPrecondition, InvalidArgument, Unavailable
@@ -30,6 +29,7 @@ from kaizen.guard import GuardEvals
 from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import RewardConfig, reward
+from kaizen.telemetry import tracing
 from server import metrics
 from server.canary import CanaryPolicy, Experiment
 from server.engine import Adapter, Engine, Failed, Finished, Request, Token

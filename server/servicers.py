@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from kaizen import tracing
 from kaizen.auth import Principal
 from kaizen.buffer import ReplayBuffer
 from kaizen.errors import (
@@ -30,6 +29,7 @@ from kaizen.errors import (
 from kaizen.events import Feedback, FeedbackKind, Generation
 from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
+from kaizen.telemetry import tracing
 from kaizen.v1 import (
     chat_pb2,
     chat_pb2_grpc,

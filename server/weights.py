@@ -14,9 +14,9 @@ import logging
 import threading
 import time
 
-from kaizen import tracing
 from kaizen.errors import CorruptVersion
 from kaizen.registry import BASE_VERSION, MANIFEST, Registry, version_number
+from kaizen.telemetry import tracing
 from server import metrics
 from server.engine import Adapter, Engine
 from server.rollout import Rollout

@@ -16,10 +16,10 @@ import sys
 import grpc
 import pytest
 
-from kaizen import logs
 from kaizen.auth import issue_token, local_key
 from kaizen.client import connect
 from kaizen.sim.demo import free_port
+from kaizen.telemetry import logs
 from kaizen.v1 import chat_pb2_grpc, model_pb2, model_pb2_grpc
 from tests.conftest import ask, wait_until
 

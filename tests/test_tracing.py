@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kaizen import cli, tracing
-from kaizen.logs import user_field
+from kaizen import cli
+from kaizen.telemetry import tracing
+from kaizen.telemetry.logs import user_field
 from kaizen.v1 import feedback_pb2, model_pb2
 from tests.conftest import ask, wait_until
 
@@ -120,7 +121,7 @@ def test_an_answer_and_a_version_are_each_one_trace_across_server_and_learner(
 def test_with_tracing_off_opentelemetry_is_never_imported():
     script = """
 import sys
-from kaizen import tracing
+from kaizen.telemetry import tracing
 import kaizen.cli, server.servicers, learner.loop
 
 def never():
