@@ -543,7 +543,7 @@ class Engine:
             input_ids=next_ids,
             attention_mask=batch.mask,
             position_ids=batch.positions,
-            past_key_values=batch.cache,
+            cache=batch.cache,
         )
         batch.positions = batch.positions + 1
         return out.logits[:, -1, :]
@@ -565,7 +565,7 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             logits_to_keep=1,
         )
         batch.extend(rows, cache, mask, positions[:, -1:] + 1)
