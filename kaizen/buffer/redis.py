@@ -265,46 +265,53 @@ return {#old, events}
 """
 )
 
-# ARGV: P, after, limit, scan. Returns {last seq looked at, 1 if the stream ended,
-# {{seq, event row, gen seq, answer row or {} when an earlier sample carries it}, …}}.
-# the learner's read: new entries for its consumer, each with its rows (as READ_SAMPLES);
-# entries not active (superseded, withdrawn, forgotten) are delivered, and acknowledged
-# later with the rest, but not returned. Replies {delivered, rows}.
-CONSUME = """#!lua
+# An active feedback event joined to its answer, appended to `out` as {seq, event row,
+# gen seq, answer row or {} when an earlier sample in this reply carries it}; an event
+# not active (superseded, withdrawn, forgotten) adds nothing. Returns whether it added.
+_JOIN = """
+local function join(P, fseq, sent, out)
+  if redis.call('HGET', P..'fb:'..fseq, 'state') ~= 'active' then return false end
+  local gseq = redis.call('HGET', P..'fb:'..fseq, 'gen')
+  local g = {}
+  if not sent[gseq] then g = redis.call('HGETALL', P..'gen:'..gseq); sent[gseq] = true end
+  out[#out + 1] = {fseq, redis.call('HGETALL', P..'fb:'..fseq), gseq, g}
+  return true
+end
+"""
+
+# The learner's read: ARGV: P, group, consumer, count. New entries for its consumer, each
+# joined (as READ_SAMPLES); entries not active are delivered, and acknowledged later with
+# the rest, but not returned. Returns {entries delivered, rows}.
+CONSUME = (
+    "#!lua\n"
+    + _JOIN
+    + """
 local P, group, me, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count,
                        'STREAMS', P..'feedback', '>')
 if not got then return {0, {}} end
 local out, sent = {}, {}
-for _, e in ipairs(got[1][2]) do
-  local fseq = string.sub(e[1], 3)
-  if redis.call('HGET', P..'fb:'..fseq, 'state') == 'active' then
-    local gseq = redis.call('HGET', P..'fb:'..fseq, 'gen')
-    local g = {}
-    if not sent[gseq] then g = redis.call('HGETALL', P..'gen:'..gseq); sent[gseq] = true end
-    out[#out + 1] = {fseq, redis.call('HGETALL', P..'fb:'..fseq), gseq, g}
-  end
-end
+for _, e in ipairs(got[1][2]) do join(P, string.sub(e[1], 3), sent, out) end
 return {#got[1][2], out}
 """
+)
 
-READ_SAMPLES = """#!lua flags=no-writes
+# ARGV: P, after, limit, scan. Returns {last seq looked at, 1 if the stream ended,
+# {joined rows, …}}.
+READ_SAMPLES = (
+    "#!lua flags=no-writes\n"
+    + _JOIN
+    + """
 local P, limit, scan = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local entries = redis.call('XRANGE', P..'feedback', '(0-'..ARGV[2], '+', 'COUNT', scan)
 local out, sent, last = {}, {}, ARGV[2]
 for _, e in ipairs(entries) do
-  local fseq = string.sub(e[1], 3)
-  last = fseq
-  if redis.call('HGET', P..'fb:'..fseq, 'state') == 'active' then
-    local gseq = redis.call('HGET', P..'fb:'..fseq, 'gen')
-    local g = {}
-    if not sent[gseq] then g = redis.call('HGETALL', P..'gen:'..gseq); sent[gseq] = true end
-    out[#out + 1] = {fseq, redis.call('HGETALL', P..'fb:'..fseq), gseq, g}
-    if #out == limit then break end
-  end
+  last = string.sub(e[1], 3)
+  if join(P, last, sent, out) and #out == limit then break end
 end
 return {last, (#entries < scan) and 1 or 0, out}
 """
+)
 
 # ARGV: P, after, created_before, limit, scan. Returns {last seq looked at, 1 if the
 # stream ended, {{seq, answer row, 1 if any feedback on it}, …}}.
