@@ -3,6 +3,7 @@ pass, and a real Prometheus loads the rules and scrapes a running server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -19,6 +20,39 @@ from tests.conftest import ask, wait_until
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "alerts.yml"
 CASES = PROMETHEUS_DIR / "alerts_test.yml"
+
+
+@contextlib.contextmanager
+def running_prometheus(config: Path, data: Path):
+    """The Debian `prometheus` binary on a free loopback port with `config` and its own
+    data directory (its log beside it); yields the port, stops it at the end."""
+    port = free_port()
+    with (data.parent / "prometheus.log").open("w") as log:
+        prometheus = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={data}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield port
+        finally:
+            prometheus.terminate()
+            prometheus.wait(timeout=60)
+
+
+def target_up(port: int, job: str) -> bool:
+    """Whether that Prometheus has scraped `job` and found it up (False while it is not
+    listening yet)."""
+    try:
+        result = query(port, "/api/v1/query", query=f'up{{job="{job}"}}')["result"]
+    except OSError:
+        return False
+    return bool(result) and result[0]["value"][1] == "1"
 
 
 def alert_names() -> set[str]:
@@ -99,48 +133,29 @@ def test_a_real_prometheus_scrapes_the_server_and_evaluates_the_rules(server, tm
             }
         )
     )
-    port = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    prometheus = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
 
-    def scraped() -> bool:
-        try:
-            result = query(port, "/api/v1/query", query='up{job="kaizen-server"}')["result"]
-        except OSError:
-            return False  # not listening yet
-        return bool(result) and result[0]["value"][1] == "1"
-
-    def evaluated() -> list[dict]:
+    def evaluated(port: int) -> list[dict]:
         """Every rule, once each has been evaluated (before that: [])."""
         groups = query(port, "/api/v1/rules")["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
         never = "0001-01-01T00:00:00Z"  # Prometheus's zero time
         return rules if rules and all(r["lastEvaluation"] != never for r in rules) else []
 
-    try:
-        wait_until(scraped, timeout_s=60, what="Prometheus scraping the server")
+    with running_prometheus(config, tmp_path / "data") as port:
+        wait_until(
+            lambda: target_up(port, "kaizen-server"),
+            timeout_s=60,
+            what="Prometheus scraping the server",
+        )
         serving = query(port, "/api/v1/query", query="kaizen_serving_version")["result"]
         assert serving and serving[0]["value"][1] == "0"
         build = query(port, "/api/v1/query", query="kaizen_build_info")["result"]
         assert build and build[0]["metric"]["version"]
-        wait_until(lambda: len(evaluated()) > 0, timeout_s=30, what="the rules evaluated")
-        rules = evaluated()
+        wait_until(lambda: len(evaluated(port)) > 0, timeout_s=30, what="the rules evaluated")
+        rules = evaluated(port)
         assert {r["name"] for r in rules} == alert_names()
         assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
         # a healthy, idle server: nothing pending, nothing firing
         assert all(r["state"] == "inactive" for r in rules), [
             r["name"] for r in rules if r["state"] != "inactive"
         ]
-    finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)
-        log.close()

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 from kaizen.auth import local_key
 from kaizen.client import Client
 from tests.conftest import free_port, wait_until
-from tests.test_alerts import alert_names, query
+from tests.test_alerts import alert_names, query, running_prometheus, target_up
 from tests.test_e2e import ROOT, kaizen, wait_http
 
 DEPLOY = ROOT / "deploy"
@@ -69,7 +68,7 @@ def value(port: int, promql: str) -> float:
 
 
 def test_prometheus_answers_an_operators_questions_and_every_dashboard_panel(tiny_model, tmp_path):
-    port, metrics_port, learner_port, prom_port = (free_port() for _ in range(4))
+    port, metrics_port, learner_port = (free_port() for _ in range(3))
     common = ["--model", str(tiny_model), "--buffer", f"sqlite:///{tmp_path}/buffer.db"]
     common += ["--registry", str(tmp_path / "registry")]
     keys, key = local_key(tmp_path / "auth")
@@ -88,17 +87,7 @@ def test_prometheus_answers_an_operators_questions_and_every_dashboard_panel(tin
         *("--batch-wait-s", "0.5", "--poll-s", "0.2", "--metrics-port", str(learner_port)),
         log=learn_log,
     )
-    prom_log = (tmp_path / "prometheus.log").open("w")
-    prometheus = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={scrape_config(tmp_path, metrics_port, learner_port)}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        stdout=prom_log,
-        stderr=subprocess.STDOUT,
-    )
+    config = scrape_config(tmp_path, metrics_port, learner_port)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -120,60 +109,58 @@ def test_prometheus_answers_an_operators_questions_and_every_dashboard_panel(tin
     users = threading.Thread(target=load, daemon=True)
     started = time.time()
     try:
-        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 120, server, serve_log)
-        wait_http(f"http://127.0.0.1:{learner_port}/metrics", 120, learner, learn_log)
-        users.start()
+        with running_prometheus(config, tmp_path / "tsdb") as prom_port:
+            wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 120, server, serve_log)
+            wait_http(f"http://127.0.0.1:{learner_port}/metrics", 120, learner, learn_log)
+            users.start()
 
-        def up(job: str) -> bool:
-            try:
-                return value(prom_port, f'up{{job="{job}"}}') == 1
-            except OSError:
-                return False  # not listening yet
+            wait_until(
+                lambda: all(target_up(prom_port, f"kaizen-{j}") for j in ("server", "learner")),
+                timeout_s=90,
+            )
+            # the loop turns: a version published, swapped in, and scraped as serving
+            wait_until(
+                lambda: value(prom_port, "kaizen_serving_version") >= 1 and not errors,
+                timeout_s=600,
+                what=f"a learned version served (client errors: {errors})",
+            )
+            time.sleep(5)  # a few more scrapes with the new version serving, under load
 
-        wait_until(lambda: up("kaizen-server") and up("kaizen-learner"), timeout_s=90)
-        # the loop turns: a version published, swapped in, and scraped as serving
-        wait_until(
-            lambda: value(prom_port, "kaizen_serving_version") >= 1 and not errors,
-            timeout_s=600,
-            what=f"a learned version served (client errors: {errors})",
-        )
-        time.sleep(5)  # a few more scrapes with the new version serving, under load
+            assert value(prom_port, f"sum(rate(kaizen_requests_total[{WINDOW}]))") > 0
+            ttft = (
+                "histogram_quantile(0.99, sum by (le) "
+                f"(rate(kaizen_time_to_first_token_seconds_bucket[{WINDOW}])))"
+            )
+            assert 0 < value(prom_port, ttft) < math.inf
+            lag = "max(kaizen_learner_buffer_head) - max(kaizen_learner_cursor)"
+            assert value(prom_port, lag) >= 0
+            assert value(prom_port, "max(kaizen_learner_version)") >= 1
+            assert value(prom_port, "kaizen_canary_version") == 0  # --canary-share 0: none
+            assert value(prom_port, "sum(kaizen_weight_swaps_total)") >= 1
 
-        assert value(prom_port, f"sum(rate(kaizen_requests_total[{WINDOW}]))") > 0
-        ttft = (
-            "histogram_quantile(0.99, sum by (le) "
-            f"(rate(kaizen_time_to_first_token_seconds_bucket[{WINDOW}])))"
-        )
-        assert 0 < value(prom_port, ttft) < math.inf
-        lag = "max(kaizen_learner_buffer_head) - max(kaizen_learner_cursor)"
-        assert value(prom_port, lag) >= 0
-        assert value(prom_port, "max(kaizen_learner_version)") >= 1
-        assert value(prom_port, "kaizen_canary_version") == 0  # --canary-share 0: none
-        assert value(prom_port, "sum(kaizen_weight_swaps_total)") >= 1
+            empty = [
+                (title, expr)
+                for title, expr in panel_queries()
+                if not query(prom_port, "/api/v1/query", query=expr)["result"]
+            ]
+            assert not empty, f"panels with no data under load: {empty}"
 
-        empty = [
-            (title, expr)
-            for title, expr in panel_queries()
-            if not query(prom_port, "/api/v1/query", query=expr)["result"]
-        ]
-        assert not empty, f"panels with no data under load: {empty}"
+            rules = [r for g in query(prom_port, "/api/v1/rules")["groups"] for r in g["rules"]]
+            assert {r["name"] for r in rules} == alert_names()
+            unhealthy = [r for r in rules if r["health"] != "ok"]
+            assert not unhealthy, unhealthy
+            firing = [r["name"] for r in rules if r["state"] == "firing"]
+            assert not firing, firing  # a healthy loop under load raises no alert
 
-        rules = [r for g in query(prom_port, "/api/v1/rules")["groups"] for r in g["rules"]]
-        assert {r["name"] for r in rules} == alert_names()
-        assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
-        firing = [r["name"] for r in rules if r["state"] == "firing"]
-        assert not firing, firing  # a healthy loop under load raises no alert
-
-        if png := os.environ.get("KAIZEN_DASHBOARD_PNG"):
-            draw(prom_port, started, time.time(), Path(png))
+            if png := os.environ.get("KAIZEN_DASHBOARD_PNG"):
+                draw(prom_port, started, time.time(), Path(png))
     finally:
         stop.set()
         users.join(timeout=60)
-        for proc in (prometheus, learner, server):
+        for proc in (learner, server):
             proc.terminate()
-        for proc in (prometheus, learner, server):
+        for proc in (learner, server):
             proc.wait(timeout=60)
-        prom_log.close()
     assert not errors, errors
 
 
