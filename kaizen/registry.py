@@ -7,7 +7,12 @@ Layout under the registry root:
         learner_state.pt      (the learner's optimizer and cursor; servers ignore it)
         manifest.json         (version, parent, base model, created_at, sha256 of each file)
     rollout/v000001.json      what servers decided about it: promoted or rolled_back, why,
-                              and the evidence (rewritten atomically; the last word wins)
+                              and the evidence (rewritten atomically; the last word wins,
+                              except that a canary test's decision is written only if no
+                              decision about the version exists yet)
+    rollout/canary.json       the canary the rollout authority runs (version, share, since
+                              when, from which feedback seq): what every server replica
+                              routes by; live while its version has no decision
     .staging-<random>/        a version being written; invisible to readers
 
 A version is written under a staging name, every file and the directory fsynced, then
@@ -38,6 +43,7 @@ from kaizen.errors import CorruptVersion
 BASE_VERSION = "v0"
 MANIFEST = "manifest.json"
 ROLLOUT_DIR = "rollout"
+CANARY_RECORD = "canary.json"
 PROMOTED, ROLLED_BACK = "promoted", "rolled_back"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
@@ -128,13 +134,15 @@ class Registry:
         reason: str,
         evidence: dict[str, object] | None = None,
         by: str = "test",
-    ) -> None:
+        first: bool = False,
+    ) -> bool:
         """Record a rollout decision (PROMOTED or ROLLED_BACK) about `version`, atomically;
-        `by` says who decided: "test" (the canary's), "operator", or "auto" (no canary)."""
+        `by` says who decided: "test" (the canary's), "guard", "operator", or "auto" (no
+        canary). With `first`, only if nothing was decided about it yet (a canary's test:
+        a replica that lost its lease while deciding cannot overwrite the decision made
+        meanwhile); whether it was written."""
         if state not in (PROMOTED, ROLLED_BACK):
             raise ValueError(f"state: {state!r} is not {PROMOTED} or {ROLLED_BACK}")
-        folder = self.root / ROLLOUT_DIR
-        folder.mkdir(exist_ok=True)
         record = {
             "version": version,
             "state": state,
@@ -143,13 +151,42 @@ class Registry:
             "at": time.time(),
             "by": by,
         }
-        name = f"v{version_number(version):06d}.json"
+        return self._write_rollout_file(f"{self.path(version).name}.json", record, first)
+
+    def _write_rollout_file(self, name: str, record: dict[str, object], first: bool) -> bool:
+        folder = self.root / ROLLOUT_DIR
+        folder.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".tmp-", delete=False) as f:
             json.dump(record, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(f.name, folder / name)
+        try:
+            if first:
+                os.link(f.name, folder / name)  # refuses an existing name: the first wins
+            else:
+                os.replace(f.name, folder / name)
+        except FileExistsError:
+            return False
+        finally:
+            Path(f.name).unlink(missing_ok=True)
         _fsync_dir(folder)
+        return True
+
+    def record_canary(self, canary: dict[str, object] | None) -> None:
+        """The canary running now (None: none), for every server replica to follow."""
+        self._write_rollout_file(CANARY_RECORD, {"version": "", **(canary or {})}, first=False)
+
+    def canary(self) -> dict[str, object] | None:
+        """The live canary record: its version is published and nothing was decided about
+        it yet; else None."""
+        try:
+            record = json.loads((self.root / ROLLOUT_DIR / CANARY_RECORD).read_text())
+        except FileNotFoundError:
+            return None
+        version = str(record.get("version") or "")
+        if not version or self.rollout(version) is not None:
+            return None
+        return record
 
     def servable(self, version: str) -> bool:
         """Neither refused by the learner nor rolled back by a server."""

@@ -81,6 +81,7 @@ class RunningServer:
         if self.retention is not None:
             self.retention.stop()
         self.watcher.stop()
+        self.rollout.close()  # another replica takes the rollout lease now
         self.engine.stop()
         self.buffer.close()
         self._metrics_http.shutdown()
@@ -171,6 +172,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         Buckets(load_or_create_secret(registry.root)),
         guard=guard,
         tokenizer=tokenizer,
+        lease_s=config.rollout_lease_s,
     )
     watcher = RegistryWatcher(registry, engine, rollout, info.name, config.poll_registry_s)
     watcher.resume()  # the promoted version (and a canary) from the first request on
@@ -192,7 +194,7 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         interceptors=[ErrorInterceptor(), auth_interceptor, AccessPrincipal()],
     )
     chat = ChatService(engine, tokenizer, stop_ids, buffer, limits, rollout, limiter)
-    feedback = FeedbackService(buffer, rollout, limits, limiter, config.max_feedback_stream_bytes)
+    feedback = FeedbackService(buffer, limits, limiter, config.max_feedback_stream_bytes)
     model_service = ModelService(
         engine,
         rollout,

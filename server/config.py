@@ -105,6 +105,12 @@ class ServeConfig:
         "an undecided canary this old gives way to a newer published version (rolled back "
         "undecided; the newer one is canaried); 0 = never",
     )
+    rollout_lease_s: float = option(
+        15.0,
+        "replicas sharing a buffer elect one rollout authority (it decides canaries) with a "
+        "lease this long, renewed every third of it; when it dies, another replica takes "
+        "over after at most this long",
+    )
     rewards: Path | None = option(
         None, "reward configuration (TOML) for the canary test; default: the shipped one"
     )
@@ -149,6 +155,12 @@ class ServeConfig:
         if self.canary_supersede_after_s < 0:
             raise ValueError(
                 f"--canary-supersede-after-s: must be ≥ 0, got {self.canary_supersede_after_s}"
+            )
+        if self.rollout_lease_s < 3 * self.poll_registry_s:
+            raise ValueError(
+                f"--rollout-lease-s: must be at least 3 × --poll-registry-s "
+                f"({3 * self.poll_registry_s:g} s), got {self.rollout_lease_s:g}: it is renewed "
+                "at every third of it, at the registry polls"
             )
         if self.canary_ramp_every_s <= 0 or self.canary_user_settle_s <= 0:
             raise ValueError("--canary-ramp-every-s, --canary-user-settle-s: must be positive")

@@ -88,6 +88,11 @@ BUILD_INFO = Gauge("kaizen_build_info", "Always 1; the labels say what is runnin
 for _result in ("ok", "corrupt", "incompatible", "failed"):  # so a first failure is a change
     SWAPS.labels(_result)
 
+ROLLOUT_AUTHORITY = Gauge(
+    "kaizen_rollout_authority",
+    "1 on the server replica that holds the rollout lease (it runs and decides canaries), "
+    "0 on the others",
+)
 CANARY_VERSION = Gauge("kaizen_canary_version", "Number N of the canary version vN; 0 = none")
 CANARY_SHARE = Gauge(
     "kaizen_canary_share", "Share of users the running canary serves now (the ramp raises it)"

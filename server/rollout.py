@@ -1,30 +1,49 @@
 """Safe rollout: which version serves whom, the canary's evidence, promote and roll back.
 
-The registry watcher offers each new servable version here. With `--canary-share 0` it
-is served to everyone at once. Otherwise it becomes the canary for a sticky share of
-users (see `server.canary`) while one experiment runs at a time; versions published
-meanwhile wait, and the newest of them is the next canary (or replaces a canary that has
-stayed undecided for --canary-supersede-after-s). Live feedback on answers from
-either arm feeds the sequential test; its decision, and any operator's Promote or
-Rollback, is applied to the engine, written to the registry (`rollout/vN.json`, which
-is what a restarted server and the learner's gate read) and exported as metrics. Before
-the test's promote is applied, the guard evals (`kaizen.guard`, --guard-evals) run on the
-canary through the engine; one failed probe rolls it back instead.
+Several server replicas may share one buffer and one registry; exactly one of them, the
+rollout authority, runs canaries and decides. It is whichever holds the lease `rollout`
+in the buffer (`ReplayBuffer.lease`: a row in SQLite, a key with a TTL in Redis), taken
+for --rollout-lease-s and renewed at every third of it; when the authority dies, another
+replica takes the lease once it expires. Why a lease among the servers rather than the
+learner as controller: the guard evals run on the canary through a serving engine, a
+canary must go on being decided (and rolled back) while the learner is down or busy
+training, and a single server needs no other process to roll out at all.
+
+The registry watcher offers each new servable version to the authority. With
+`--canary-share 0` it is served to everyone at once. Otherwise it becomes the canary for a
+sticky share of users (see `server.canary`) while one experiment runs at a time; versions
+published meanwhile wait, and the newest of them is the next canary (or replaces a
+canary that has stayed undecided for --canary-supersede-after-s). The authority records
+the running canary in the registry (`rollout/canary.json`: version, share, start, the
+buffer seq its evidence starts after) and reads its evidence from the buffer: the feedback
+every replica stored, pooled, on answers from either arm. Its decision, and any
+operator's Promote or Rollback sent to any replica, is applied to that replica's engine
+and written to the registry (`rollout/vN.json`, which is also what a restarted server and
+the learner's gate read); every replica follows the registry (`follow`) at each poll:
+it serves the version promoted last and routes the live canary's share to it. A new
+authority rebuilds a running canary's evidence from the buffer and goes on deciding it;
+a test's decision is written only if none exists for the version (`record_rollout(first=
+True)`), so an authority that lost its lease mid-decision cannot record a second one.
+Before the test's promote is applied, the guard evals (`kaizen.guard`, --guard-evals)
+run on the canary through the engine; one failed probe rolls it back instead.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
+import secrets
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from kaizen.bucket import Buckets
 from kaizen.buffer import ReplayBuffer
 from kaizen.errors import CorruptVersion, FailedPrecondition, InvalidArgument, Unavailable
-from kaizen.events import Feedback, Sampling
+from kaizen.events import Sampling
 from kaizen.guard import GuardEvals
 from kaizen.modeling import chat_prompt_ids
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
@@ -37,7 +56,10 @@ from server.engine import Adapter, Engine, Failed, Finished, Request, Token
 log = logging.getLogger(__name__)
 
 LATE_INSTALL_S = 60.0  # a restore the decode loop has taken finishes within this
-MAX_REMEMBERED = 100_000  # answers whose version is known without asking the buffer
+LEASE = "rollout"  # the buffer lease whose holder decides canaries
+FOLLOW_EVERY_S = 2.0  # the registry's rollout records are re-read at least this often
+TAIL_BATCH = 2000  # feedback events the authority reads from the buffer at once…
+TAIL_MAX = 20_000  # …and in one tick at most
 GUARD_TRIES = 5  # a canary whose guard evals fail to run this many times is rolled back
 GUARD_TIMEOUT_S = 600.0  # a guard-eval run not finished by then has failed to run
 GUARD_IN_FLIGHT = 4  # guard-eval requests in the engine at once
@@ -55,6 +77,7 @@ class Rollout:
         buckets: Buckets,
         guard: GuardEvals | None = None,
         tokenizer=None,  # encodes the guard's prompts and decodes its answers
+        lease_s: float = 15.0,  # --rollout-lease-s
     ) -> None:
         if guard is not None and tokenizer is None:
             raise ValueError("guard: the guard evals need the tokenizer")
@@ -69,51 +92,180 @@ class Rollout:
         self.read = read  # version -> verified adapter
         self.policy = policy
         self.rewards = rewards
-        self.experiment: Experiment | None = None
+        self.experiment: Experiment | None = None  # the canary this replica decides
         self.history: dict[str, Experiment] = {}  # every canary this process decided
         self._forecast_said: set[str] = set()  # canaries whose window forecast was logged
-        self._answers: collections.OrderedDict[str, tuple[str, int, float]] = (
-            collections.OrderedDict()
-        )  # response_id -> (version, words, created_at)
-        self._lock = threading.RLock()  # experiments and decisions
-        self._answers_lock = threading.Lock()  # the answer → version memory (every Generate)
+        self._lock = threading.RLock()  # experiments, decisions, following the registry
+        # the rollout authority: this replica while it holds the buffer's lease
+        self.lease_s = lease_s
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.leader = False
+        self._renewed = 0.0  # monotonic time of the last take or renewal
+        self._tail = 0  # the buffer seq the running experiment has read feedback up to
+        self._canary_record: dict[str, object] = {}  # what rollout/canary.json says of it
+        # following the registry: what it asked for when last read, and when
+        self._share = policy.share  # the live canary's share (what this replica routes)
+        self._stamp: int | None = None
+        self._followed_at = 0.0
+        self._asked: tuple[str, str] | None = None  # (serving, canary) asked of the engine
+        self._follow_failed: set[tuple[str, str]] = set()  # logged once each
 
-    # -- routing and evidence (RPC threads) --------------------------------------------
+    # -- routing (RPC threads) ---------------------------------------------------------
 
     def route_to_canary(self, user_id: str) -> bool:
         e = self.experiment
-        share = e.share if e is not None else self.policy.share
+        share = e.share if e is not None else self._share
         return share > 0 and self.buckets.in_canary(user_id, share)
 
-    def answered(self, response_id: str, version: str, text: str, created_at: float) -> None:
-        with self._answers_lock:
-            self._answers[response_id] = (version, len(text.split()), created_at)
-            while len(self._answers) > MAX_REMEMBERED:
-                self._answers.popitem(last=False)
+    # -- the authority's evidence: every replica's feedback, from the buffer -------------
 
-    def observe(self, events: Sequence[Feedback]) -> None:
-        """Count durable, new feedback events on answers given since the running experiment
-        started towards it."""
-        experiment = self.experiment
-        if experiment is None:
-            return
-        for ev in events:
-            with self._answers_lock:
-                known = self._answers.get(ev.response_id)
-            if known is None:
-                g = self.buffer.generation(ev.response_id)
-                if g is None:
+    def _read_feedback(self, e: Experiment) -> None:
+        """Count the feedback stored since the last read (by any replica) on answers given
+        since the experiment started towards it, at the time each event was received, so
+        an authority that takes over rebuilds the same evidence."""
+        for _ in range(TAIL_MAX // TAIL_BATCH):
+            samples = self.buffer.read_samples(self._tail, TAIL_BATCH)
+            for sample in samples:
+                ev, g = sample.feedback, sample.generation
+                if g.model_version not in e.arms or g.created_at < e.started_at:
                     continue
-                known = (g.model_version, len(g.text.split()), g.created_at)
-            version, words, created_at = known
-            if version not in experiment.arms or created_at < experiment.started_at:
-                continue
-            r = reward(ev, self.rewards, words=words)
-            if r is not None:
-                experiment.add(version, r, user=ev.user_id, answer=ev.response_id)
-                metrics.CANARY_EVENTS.labels(
-                    "canary" if version == experiment.canary else "serving"
-                ).inc()
+                r = reward(ev, self.rewards, words=len(g.text.split()))
+                if r is not None:
+                    version = g.model_version
+                    e.add(version, r, user=ev.user_id, answer=ev.response_id, now=ev.received_at)
+                    arm = "canary" if version == e.canary else "serving"
+                    metrics.CANARY_EVENTS.labels(arm).inc()
+            if samples:
+                self._tail = samples[-1].seq
+            if len(samples) < TAIL_BATCH:
+                return
+
+    # -- the authority: the lease ------------------------------------------------------
+
+    def _lead(self) -> None:
+        """Take or renew the rollout lease (at every third of --rollout-lease-s); a replica
+        that cannot stops deciding at once: its canary, if any, goes on serving (as the
+        registry records it) for the next authority to decide."""
+        now = time.monotonic()
+        if self.leader and now - self._renewed < self.lease_s / 3:
+            return
+        try:
+            held = self.buffer.lease(LEASE, self.holder, self.lease_s)
+        except Exception as exc:  # the buffer is down: nobody decides until it is back
+            log.warning("the rollout lease could not be renewed: %s", exc)
+            held = False
+        if held:
+            self._renewed = now
+        if held != self.leader:
+            log.info(
+                "this replica (%s) %s the rollout authority",
+                self.holder,
+                "is now" if held else "is no longer",
+            )
+            metrics.ROLLOUT_AUTHORITY.set(int(held))
+        self.leader = held
+        if not held and self.experiment is not None:
+            self._forget_experiment(self.experiment, "this replica lost the rollout lease")
+
+    def _forget_experiment(self, e: Experiment, why: str) -> None:
+        """Stop deciding `e` here; the engine keeps whatever the registry says."""
+        self._drop_guard_run()
+        _clear_canary_gauges()
+        self.experiment = None
+        log.info("canary %s: no longer decided by this replica (%s)", e.canary, why)
+
+    def close(self) -> None:
+        """Let go of the lease (a server stopping): another replica takes over now."""
+        with self._lock:
+            if self.leader:
+                try:
+                    self.buffer.release(LEASE, self.holder)
+                except Exception as exc:
+                    log.warning("the rollout lease could not be released: %s", exc)
+                self.leader = False
+                metrics.ROLLOUT_AUTHORITY.set(0)
+
+    def _record_canary(self, e: Experiment) -> None:
+        self._canary_record = {
+            "version": e.canary,
+            "serving": e.serving,
+            "started_at": e.started_at,
+            "share": e.share,
+            "ramped_at": e.ramped_at,
+            "after_seq": self._canary_record.get("after_seq", self._tail),
+            "by": self.holder,
+        }
+        self.registry.record_canary(self._canary_record)
+
+    def _take_over(self, live: dict[str, object]) -> None:
+        """Go on deciding the canary another authority started: its evidence from the
+        buffer, read again from where it started."""
+        e = Experiment(
+            str(live["version"]),
+            str(live["serving"]),
+            self.policy,
+            started_at=float(live["started_at"]),  # type: ignore[arg-type]
+            share=float(live["share"]),  # type: ignore[arg-type]
+            ramped_at=float(live["ramped_at"]),  # type: ignore[arg-type]
+        )
+        self._canary_record = dict(live)
+        self._tail = int(live["after_seq"])  # type: ignore[call-overload]
+        self.experiment = e
+        metrics.CANARY_VERSION.set(version_number(e.canary))
+        log.warning(
+            "canary %s: taking over its test from %s; its evidence is read again from the "
+            "buffer (after seq %d)",
+            e.canary,
+            live.get("by", "?"),
+            self._tail,
+        )
+
+    # -- every replica: follow the registry ----------------------------------------------
+
+    def follow(self, force: bool = False) -> None:
+        """Serve what the registry records: the version promoted last, and the live canary
+        at its share. Read when the rollout records change, and every FOLLOW_EVERY_S."""
+        now = time.monotonic()
+        stamp = self.registry.rollout_stamp()
+        if not force and stamp == self._stamp and now - self._followed_at < FOLLOW_EVERY_S:
+            return
+        self._stamp, self._followed_at = stamp, now
+        serving, live = self.registry.serving(), self.registry.canary()
+        canary = str(live["version"]) if live is not None else ""
+        self._share = float(live["share"]) if live is not None else self.policy.share  # type: ignore[arg-type]
+        e = self.experiment
+        if e is not None and e.canary != canary:
+            self._forget_experiment(e, "decided or stopped on another replica")
+        engine = self.engine
+        have = (engine.version, engine.canary.version if engine.canary is not None else "")
+        want = (serving, canary if canary != serving else "")
+        if want == have or (want == self._asked and not force):
+            self._asked = want if want == have else self._asked
+            return
+        try:
+            if want[0] != have[0]:
+                if have[1] == want[0]:
+                    engine.promote_canary(want[0])
+                else:
+                    engine.restore(self._read(want[0]))
+            if have[1] and have[1] != want[1] and have[1] != want[0]:
+                engine.drop_canary(have[1], timeout_s=1.0)
+            if want[1] and want[1] != have[1]:
+                engine.stage(self._read(want[1]), role="canary")
+        except (FailedPrecondition, Unavailable) as exc:
+            if want not in self._follow_failed:
+                self._follow_failed.add(want)
+                log.error("cannot serve what the registry records (%s, canary %s): %s", *want, exc)
+            return
+        self._asked = want
+        log.info("following the registry: serving %s, canary %s", want[0], want[1] or "none")
+
+    def _followed(self, serving: str, canary: str = "") -> None:
+        """This replica changed the registry and asked its engine for the same (`serving`,
+        and `canary`): nothing left to follow."""
+        self._stamp = self.registry.rollout_stamp()
+        self._followed_at = time.monotonic()
+        self._asked = (serving, canary)
 
     # -- the watcher's thread ----------------------------------------------------------
 
@@ -133,9 +285,14 @@ class Rollout:
                 self.registry.record_rollout(
                     adapter.version, PROMOTED, "no canary (--canary-share 0)", by="auto"
                 )
+                self._followed(adapter.version)
                 return
+            self._tail = self.buffer.last_seq()  # its evidence: feedback stored after this
+            e = self.experiment = Experiment(adapter.version, self.engine.version, self.policy)
+            self._canary_record = {"after_seq": self._tail}
+            self._record_canary(e)
             self.engine.stage(adapter, role="canary")
-            self.experiment = Experiment(adapter.version, self.engine.version, self.policy)
+            self._followed(e.serving, e.canary)
             metrics.CANARY_VERSION.set(version_number(adapter.version))
             log.info(
                 "canary %s for %.0f %% of users, against %s",
@@ -145,16 +302,29 @@ class Rollout:
             )
 
     def tick(self, now: float | None = None) -> str:
-        """Let the running experiment decide; apply its decision. Returns it ("" if none)."""
+        """Take or renew the lease, follow the registry; on the authority, read the
+        feedback stored since the last tick and let the running experiment decide; apply
+        its decision. Returns it ("" if none)."""
         with self._lock:
+            self._lead()
+            self.follow()
+            if not self.leader:
+                return ""
             e = self.experiment
             if e is None:
-                return ""
+                live = self.registry.canary()
+                if live is None:
+                    return ""
+                self._take_over(live)
+                e = self.experiment
+                assert e is not None
+            self._read_feedback(e)
             if e.canary in self.engine.failed:  # it never served anyone: nothing to test
                 e.settle("rollback", self.engine.failed[e.canary])
             share = e.share
             decision = e.decide(now)
             if e.share != share:
+                self._record_canary(e)
                 log.info(
                     "canary %s: ramped from %.0f %% to %.0f %% of users (%s)",
                     e.canary,
@@ -171,12 +341,10 @@ class Rollout:
                     return ""  # the guard evals still run; a later tick applies the decision
                 if refused:
                     e.settle("rollback", refused, outcome=e.outcome)
-                    self._apply(e, "rollback", refused, by="guard", guard=evidence)
-                    return "rollback"
-                self._apply(e, decision, e.reason, by="test", guard=evidence)
-                return decision
+                    return self._apply(e, "rollback", refused, by="guard", guard=evidence)
+                return self._apply(e, decision, e.reason, by="test", guard=evidence)
             if decision:
-                self._apply(e, decision, e.reason, by="test")
+                return self._apply(e, decision, e.reason, by="test")
             return decision
 
     def _guard_canary(self, e: Experiment) -> tuple[str | None, dict[str, object]]:
@@ -299,11 +467,18 @@ class Rollout:
 
     def _apply(
         self, e: Experiment, decision: str, reason: str, by: str, guard: dict | None = None
-    ) -> None:
+    ) -> str:
+        """Apply `decision` about the canary to the engine, then record it; the decision
+        applied ("" when another replica's was recorded first: it is followed instead).
+        The test's decision is recorded only if none exists (an operator's always is)."""
         version = e.canary
+        first = by != "operator"
+        if first and self._decided_elsewhere(e):
+            return ""
         evidence = e.evidence() | ({"guard_evals": guard} if guard is not None else {})
+        evidence["authority"] = self.holder
         if decision == "promote" and self.engine.promote_canary(version):
-            self.registry.record_rollout(version, PROMOTED, reason, evidence, by=by)
+            state = PROMOTED
         else:
             if decision == "promote":  # its install failed, or it is gone: never served
                 reason = (
@@ -312,10 +487,27 @@ class Rollout:
                 )
                 decision = "rollback"
             self.engine.drop_canary(version)
-            self.registry.record_rollout(version, ROLLED_BACK, reason, evidence, by=by)
+            state = ROLLED_BACK
+        if not self.registry.record_rollout(version, state, reason, evidence, by=by, first=first):
+            self._decided_elsewhere(e)  # in the instant between: the engine follows it
+            return ""
+        self._followed(self.engine.version)
         self._end(e, decision, by)
         log.info("canary %s: %s (%s) — %s", version, decision, by, reason)
         _traced(version, decision, by, reason, int(e.started_at * 1e9))  # the canary's span
+        return decision
+
+    def _decided_elsewhere(self, e: Experiment) -> bool:
+        """Whether a decision about `e`'s canary is already recorded (by an operator on
+        another replica, or by an authority before this one); if so, stop deciding it
+        and follow the registry at the next tick."""
+        record = self.registry.rollout(e.canary)
+        if record is None:
+            return False
+        why = f"{record.get('by', '?')} already recorded {record.get('state', '?')}"
+        self._forget_experiment(e, why)
+        self._stamp = None
+        return True
 
     def _end(self, e: Experiment, decision: str, by: str) -> None:
         metrics.CANARY_DECISIONS.labels(decision, by).inc()
@@ -325,15 +517,21 @@ class Rollout:
         self.experiment = None
 
     def _stop_experiment(self, why: str) -> None:
-        """End the running test with no verdict on the canary: it will be offered again."""
+        """End the running test with no verdict on the canary (this replica's, or the one
+        another replica runs): it will be offered again."""
+        live = self.registry.canary()
+        if live is not None:
+            self.registry.record_canary(None)
         e = self.experiment
-        if e is None:
+        canary = e.canary if e is not None else str(live["version"]) if live is not None else ""
+        if not canary:
             return
-        self.engine.drop_canary(e.canary)
-        self._drop_guard_run()
-        _clear_canary_gauges()
-        self.experiment = None
-        log.info("canary %s stopped without a verdict: %s", e.canary, why)
+        self.engine.drop_canary(canary)
+        if e is not None:
+            self._drop_guard_run()
+            _clear_canary_gauges()
+            self.experiment = None
+        log.info("canary %s stopped without a verdict: %s", canary, why)
 
     # -- operators (admin RPCs) --------------------------------------------------------
 
@@ -374,13 +572,30 @@ class Rollout:
             raise Unavailable(f"version: the decode loop took {version} but did not serve it")
 
     def _operator_decides_canary(self, version: str, decision: str, reason: str) -> bool:
-        """End the running experiment with an operator's decision, if `version` is its
-        canary; False otherwise."""
+        """End the canary with an operator's decision, if `version` is the canary (this
+        replica's experiment, or the one the authority runs elsewhere: the decision goes
+        in the registry, which the authority and every replica follow); False otherwise."""
         e = self.experiment
-        if e is None or e.canary != version:
+        if e is not None and e.canary == version:
+            e.settle(decision, reason)
+            self._apply(e, decision, reason, by="operator")
+            return True
+        live = self.registry.canary()
+        if live is None or live["version"] != version:
             return False
-        e.settle(decision, reason)
-        self._apply(e, decision, reason, by="operator")
+        engine = self.engine
+        if decision == "promote":
+            canary = engine.canary
+            if canary is None or canary.version != version or not engine.promote_canary(version):
+                self._serve(version)
+            self.registry.record_rollout(version, PROMOTED, reason, by="operator")
+        else:
+            engine.drop_canary(version)
+            self.registry.record_rollout(version, ROLLED_BACK, reason, by="operator")
+        self._followed(engine.version)
+        metrics.CANARY_DECISIONS.labels(decision, "operator").inc()
+        log.info("canary %s: %s (operator) — %s", version, decision, reason)
+        _traced(version, decision, "operator", reason)
         return True
 
     def promote(self, version: str, reason: str) -> None:
@@ -401,8 +616,9 @@ class Rollout:
             self._read(version)  # refuse before touching anything
             self._stop_experiment(f"an operator promoted {version}")
             self._serve(version)
-            if version != BASE_VERSION:
-                self.registry.record_rollout(version, PROMOTED, reason, by="operator")
+            # v0 too: every replica follows the version promoted last
+            self.registry.record_rollout(version, PROMOTED, reason, by="operator")
+            self._followed(version)
             metrics.CANARY_DECISIONS.labels("promote", "operator").inc()
             _traced(version, "promote", "operator", reason)
 
@@ -427,6 +643,7 @@ class Rollout:
             self._stop_experiment(f"its baseline {version} is being rolled back")
             self._serve(previous)
             self.registry.record_rollout(version, ROLLED_BACK, reason, by="operator")
+            self._followed(previous)
             metrics.CANARY_DECISIONS.labels("rollback", "operator").inc()
             _traced(version, "rollback", "operator", reason)
             return previous

@@ -224,9 +224,6 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         )
         # Durable before the caller sees response_id, so feedback can always be joined.
         self.buffer.append_generation(generation)
-        self.rollout.answered(
-            generation.response_id, generation.model_version, text, generation.created_at
-        )
         return generation
 
     def Generate(self, request, context):
@@ -288,13 +285,11 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(
         self,
         buffer: ReplayBuffer,
-        rollout: Rollout,
         limits: Limits,
         limiter: Limiter,
         max_stream_bytes: int,
     ) -> None:
         self.buffer = buffer
-        self.rollout = rollout
         self.max_text_chars = limits.max_feedback_text_chars
         self.limiter = limiter
         self.max_stream_bytes = max_stream_bytes
@@ -313,7 +308,6 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
                 event_id=ev.event_id,
                 result="accepted" if new else "duplicate",
             )
-        self.rollout.observe([ev for ev, new in zip(events, result.new, strict=True) if new])
         return feedback_pb2.FeedbackAck(
             accepted=result.accepted, duplicates=result.duplicates, superseded=result.superseded
         )

@@ -1,10 +1,12 @@
-"""Watches the registry and offers each new, verified, servable version to the rollout.
+"""Watches the registry: every replica follows the rollout records; the rollout authority
+also offers each new, verified, servable version to the rollout.
 
 Reading and checking a version (sha256 of every file against its manifest, base model
 identity) happens on this thread; the engine only installs tensors already in memory,
 between two batches. A version that fails a check is never served, and never retried;
-nor is one the learner marked rejected or a server rolled back. The same thread lets the
-running canary test decide, at every poll.
+nor is one the learner marked rejected or a server rolled back. The same thread renews
+the rollout lease, follows the registry and, on the authority, lets the running canary
+test decide, at every poll.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 import time
 
 from kaizen.errors import CorruptVersion
-from kaizen.registry import BASE_VERSION, MANIFEST, Registry, version_number
+from kaizen.registry import MANIFEST, Registry, version_number
 from kaizen.telemetry import tracing
 from server import metrics
 from server.engine import Adapter, Engine
@@ -77,7 +79,8 @@ class RegistryWatcher:
         while not self._stop.wait(self.poll_s):
             try:
                 self.rollout.tick()
-                self.check()
+                if self.rollout.leader:
+                    self.check()
             except Exception:  # a broken registry must not kill the server: log, retry
                 log.exception("checking the registry at %s failed", self.registry.root)
 
@@ -85,17 +88,14 @@ class RegistryWatcher:
         return read_adapter(self.registry, version, self.base_model)
 
     def resume(self) -> None:
-        """At start: serve the version servers last promoted (v0 when none), at once."""
-        serving = self.registry.serving()
-        if serving != BASE_VERSION:
-            try:
-                self.engine.restore(self.read(serving))
-                _traced_swap(serving, "resumed")
-            except (CorruptVersion, OSError, ValueError) as exc:
-                log.error("cannot resume serving %s (%s); serving v0", serving, exc)
+        """At start: serve what the registry records (the version servers last promoted,
+        v0 when none, and the live canary), at once; the authority also offers a version
+        published while no server ran, and goes on deciding a canary another started."""
+        self.rollout.tick()
         self.engine.install_staged()
-        self.check()
-        self.engine.install_staged()
+        if self.rollout.leader:
+            self.check()
+            self.engine.install_staged()
 
     def check(self) -> None:
         metrics.REGISTRY_NEWEST.set(version_number(self.registry.latest()))

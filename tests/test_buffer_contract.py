@@ -309,6 +309,28 @@ def test_consume_gives_the_learner_what_read_samples_gives(buffer):
     buffer.commit(11)  # nothing to see on SQLite; acknowledged on Redis (below)
 
 
+def test_a_lease_has_one_holder_until_it_expires_or_is_released(store):
+    """Server replicas elect the one that decides the canary with it: two buffers (two
+    processes) never both hold it; the holder renews it; once it stops renewing, or lets
+    go, the other takes it."""
+    a, b = store.open(), store.open()
+    try:
+        assert a.lease("rollout", "a", ttl_s=0.5)
+        assert not b.lease("rollout", "b", ttl_s=0.5)  # taken
+        assert a.lease("rollout", "a", ttl_s=0.5)  # renewed by its holder
+        assert b.lease("other", "b", ttl_s=0.5)  # another name is another lease
+        time.sleep(0.7)  # a stops renewing (it died)
+        assert b.lease("rollout", "b", ttl_s=30)
+        assert not a.lease("rollout", "a", ttl_s=30)  # back too late: b holds it now
+        a.release("rollout", "a")  # letting go of what it does not hold changes nothing
+        assert not a.lease("rollout", "a", ttl_s=30)
+        b.release("rollout", "b")
+        assert a.lease("rollout", "a", ttl_s=30)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_redis_learner_group_acknowledges_only_what_a_version_covers(store):
     """Events stay pending with the learner until a published cursor covers them; a
     learner killed before it acknowledged leaves them to the next one, which is handed

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from kaizen import modeling
+from kaizen.buffer import open_buffer
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.guard import (
     ANSWER_CHARS,
@@ -449,6 +451,7 @@ class QuietEngine:
     version = "v0"
 
     def __init__(self) -> None:
+        self.canary = types.SimpleNamespace(version="v1")  # installed, under test
         self.failed: dict[str, str] = {}
         self.submitted = []
         self.promoted: list[str] = []
@@ -483,10 +486,16 @@ def rollout_with(tmp_path, tiny_model, guard: GuardEvals):
     engine = QuietEngine()
     tokenizer = modeling.load_tokenizer(tiny_model)
     policy = CanaryPolicy(share=0.5)
+    registry = Registry(tmp_path / "registry")
+    canary = Experiment("v1", "v0", policy)
+    canary.settle("promote", "not worse", outcome="not_worse")  # as the test would
+    registry.record_canary(  # what the authority records when it starts a canary
+        {"version": "v1", "serving": "v0", "started_at": canary.started_at, "share": 0.5}
+    )
     rollout = Rollout(
         engine,
-        Registry(tmp_path / "registry"),
-        None,
+        registry,
+        open_buffer(f"sqlite:///{tmp_path}/buffer.db"),
         lambda version: None,
         policy,
         RewardConfig(),
@@ -494,8 +503,7 @@ def rollout_with(tmp_path, tiny_model, guard: GuardEvals):
         guard=guard,
         tokenizer=tokenizer,
     )
-    rollout.experiment = Experiment("v1", "v0", policy)
-    rollout.experiment.settle("promote", "not worse", outcome="not_worse")  # as the test would
+    rollout.experiment = canary
     return rollout, engine, tokenizer
 
 

@@ -32,6 +32,8 @@ Layout, every key under `kaizen:`:
   created_at), `gen:<seq>:fb` (events on an answer), `user:<sha256>:gens` and
   `user:<sha256>:fb` (a user's answers and events), `states` (events per state) and
   `forgotten` (tombstones: SHA-256 of the user id → when).
+- `lease:<name>`: a string, the holder, with a TTL (server replicas elect their rollout
+  authority with it; Redis' clock expires it, so the replicas' clocks do not matter).
 
 The learner consumes `feedback` through the consumer group `learner`: XREADGROUP hands it
 entries, which stay pending until the learner has published a version whose cursor covers
@@ -460,6 +462,20 @@ def check_durability(client: redis.Redis, where: str, durability: str = "always"
         )
 
 
+LEASE = """#!lua
+local key = ARGV[1]..'lease:'..ARGV[2]
+local holder = redis.call('GET', key)
+if holder and holder ~= ARGV[3] then return 0 end
+redis.call('SET', key, ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+RELEASE = """#!lua
+local key = ARGV[1]..'lease:'..ARGV[2]
+if redis.call('GET', key) == ARGV[3] then redis.call('DEL', key) end
+return 0
+"""
+
 # -- the buffer -----------------------------------------------------------------------
 
 
@@ -487,6 +503,8 @@ class RedisBuffer:
         self._read_answers = s(READ_ANSWERS)
         self._generation = s(GENERATION)
         self._owners = s(OWNERS)
+        self._lease = s(LEASE)
+        self._release = s(RELEASE)
 
     def _call(self, what: Callable[[], T], *, read: bool = False) -> T:
         """Run one command; map Redis' failures to the errors the server reports. A read
@@ -727,6 +745,15 @@ class RedisBuffer:
             flat = self._call(lambda c=chunk: self._owners(args=[PREFIX, *c]), read=True)
             found.update(_row(flat))
         return found
+
+    def lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take `name` for `ttl_s` if it is free, expired or already `holder`'s; whether
+        `holder` holds it now."""
+        args = [PREFIX, name, holder, max(1, int(ttl_s * 1000))]
+        return bool(self._call(lambda: self._lease(args=args)))
+
+    def release(self, name: str, holder: str) -> None:
+        self._call(lambda: self._release(args=[PREFIX, name, holder]))
 
     def feedback_states(self) -> dict[str, int]:
         counts = self._call(lambda: self.client.hgetall(PREFIX + "states"), read=True)

@@ -77,6 +77,12 @@ CREATE TABLE IF NOT EXISTS forgotten (
     user_sha256 TEXT PRIMARY KEY,
     forgotten_at REAL NOT NULL
 );
+-- leases between processes on this node (the rollout authority): held until `expires`
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 """
 
 
@@ -317,6 +323,29 @@ class SQLiteBuffer:
         if result != (0, 0):
             self._checkpoint()
         return result  # type: ignore[return-value]
+
+    def lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take `name` for `ttl_s` if it is free, expired or already `holder`'s; whether
+        `holder` holds it now. The processes sharing a SQLite file share a machine, and so
+        a clock."""
+
+        def work(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            conn.execute(
+                "INSERT INTO leases (name, holder, expires) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires = excluded.expires "
+                "WHERE leases.holder = excluded.holder OR leases.expires < ?",
+                (name, holder, now + ttl_s, now),
+            )
+            row = conn.execute("SELECT holder FROM leases WHERE name = ?", (name,)).fetchone()
+            return row[0] == holder
+
+        return bool(self._submit(work))
+
+    def release(self, name: str, holder: str) -> None:
+        sql = "DELETE FROM leases WHERE name = ? AND holder = ?"
+        self._submit(lambda conn: conn.execute(sql, (name, holder)).rowcount)
 
     def feedback_states(self) -> dict[str, int]:
         with self._read_lock:
