@@ -200,16 +200,17 @@ class Rollout:
     def _take_over(self, live: dict[str, object]) -> None:
         """Go on deciding the canary another authority started: its evidence from the
         buffer, read again from where it started."""
+        started = float(live.get("started_at") or time.time())  # type: ignore[arg-type]
         e = Experiment(
             str(live["version"]),
-            str(live["serving"]),
+            str(live.get("serving") or self.engine.version),
             self.policy,
-            started_at=float(live["started_at"]),  # type: ignore[arg-type]
-            share=float(live["share"]),  # type: ignore[arg-type]
-            ramped_at=float(live["ramped_at"]),  # type: ignore[arg-type]
+            started_at=started,
+            share=float(live.get("share") or self.policy.share),  # type: ignore[arg-type]
+            ramped_at=float(live.get("ramped_at") or started),  # type: ignore[arg-type]
         )
         self._canary_record = dict(live)
-        self._tail = int(live["after_seq"])  # type: ignore[call-overload]
+        self._tail = int(live.get("after_seq") or 0)  # type: ignore[call-overload]
         self.experiment = e
         metrics.CANARY_VERSION.set(version_number(e.canary))
         log.warning(

@@ -145,6 +145,33 @@ def test_an_undecided_canary_gives_way_to_a_newer_version_after_supersede_after_
     assert served == {"v0", v2}
 
 
+def test_a_restarted_server_goes_on_with_its_canary_and_the_feedback_it_had(
+    rollout_server, tiny_model
+):
+    config = dict(canary_share=0.5, canary_max_share=0.5, canary_user_answers=1)
+    running = rollout_server(**config)
+    registry = Registry(running.watcher.registry.root)
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    wait_until(lambda: running.engine.canary is not None, what="the canary install")
+    answers = chat_everyone(running)
+    thumbs(running, answers, up=lambda a: True)
+    arms = running.rollout.experiment.arms
+    wait_until(lambda: sum(a.events for a in arms.values()) == len(USERS), what="the evidence")
+    before = {v: arm.events for v, arm in arms.items()}
+    started_at = running.rollout.experiment.started_at
+    running.channel.close()
+    running.stop(grace_s=1)
+
+    again = rollout_server(**config)  # the same registry and buffer
+    assert again.engine.canary is not None and again.engine.canary.version == v1
+    assert versions(again)[v1].state == "canary" and registry.rollout(v1) is None
+    e = again.rollout.experiment
+    assert e.canary == v1 and e.started_at == started_at  # the same test, not a new one
+    assert {v: arm.events for v, arm in e.arms.items()} == before  # read again from the buffer
+    for u, a in answers.items():  # and the same users on it
+        assert again.chat.Generate(ask(user_id=u, seed=7)).model_version == a.model_version
+
+
 def test_a_version_the_learner_rejected_is_listed_with_its_reason_and_never_served(
     rollout_server, tiny_model
 ):
