@@ -68,7 +68,7 @@ def test_every_alert_rule_has_a_case_that_fires_it():
         for check in case.get("alert_rule_test", [])
         if check.get("exp_alerts")
     }
-    assert len(alert_names()) == 14
+    assert len(alert_names()) == 16
     assert alert_names() - fired == set(), "alerts no promtool case ever fires"
     assert fired - alert_names() == set(), "cases for alerts that no longer exist"
 

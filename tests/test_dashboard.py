@@ -55,7 +55,8 @@ def scrape_config(tmp_path: Path, server_port: int, learner_port: int) -> Path:
     targets = {"kaizen-server": server_port, "kaizen-learner": learner_port}
     for job in config["scrape_configs"]:
         if job["job_name"] in targets:
-            job["static_configs"][0]["targets"] = [f"127.0.0.1:{targets[job['job_name']]}"]
+            job.pop("dns_sd_configs", None)  # compose's DNS name `server`; here one local port
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
