@@ -126,8 +126,10 @@ def _export(config):
 
 
 def _learn(config):
+    from learner import distributed
     from learner.loop import Learner
 
+    distributed.init(config.device)  # under torchrun: join its process group
     learner = Learner(config)
     return lambda: _run_learner(learner, config)
 
@@ -138,19 +140,23 @@ def _run_learner(learner, config) -> int:
 
     import prometheus_client
 
-    if config.metrics_port >= 0:
+    from learner import distributed
+
+    metrics_at = "no metrics endpoint"
+    if config.metrics_port >= 0 and distributed.is_main():  # rank 0 speaks for the learner
         http, _ = prometheus_client.start_http_server(config.metrics_port, addr=config.metrics_host)
         metrics_at = f"metrics on http://{config.metrics_host}:{http.server_port}/metrics"
-    else:
-        metrics_at = "no metrics endpoint"
-    print(
-        f"kaizen learn: from {learner.version}, cursor {learner.progress.cursor}, "
-        f"on {learner.device}; {metrics_at}",
-        flush=True,
-    )
+    ranks = f" (rank 0 of {distributed.world()})" if distributed.world() > 1 else ""
+    if distributed.is_main():
+        print(
+            f"kaizen learn: from {learner.version}, cursor {learner.progress.cursor}, "
+            f"on {learner.device}{ranks}; {metrics_at}",
+            flush=True,
+        )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     learner.run(stop)
     learner.buffer.close()
+    distributed.close()
     return 0

@@ -49,7 +49,7 @@ from kaizen.guard import GuardResult, greedy_answers, guard_evals_from_flag
 from kaizen.registry import BASE_VERSION, PROMOTED, ROLLED_BACK, Registry, version_number
 from kaizen.rewards import load_rewards, reward
 from kaizen.telemetry import tracing
-from learner import metrics
+from learner import distributed, metrics
 from learner.config import LearnerConfig
 from learner.estimators import effective_sample_size, estimate_all, paired_difference, weights
 from learner.examples import (
@@ -132,11 +132,16 @@ class Learner:
             raise ValueError(
                 f"--objective: {config.objective!r} is not one of {', '.join(OBJECTIVES)}"
             )
+        if config.objective == "kto" and distributed.world() > 1:
+            raise ValueError(
+                "--objective kto: its reference point z is a mean over the whole batch, and "
+                "under torchrun each rank holds only its shard's; run kto in one process"
+            )
         self.config = config
         self.rewards = load_rewards(config.rewards)  # a bad file fails before anything loads
         self.guard = guard_evals_from_flag(config.guard_evals)  # so does a bad guard file
         self.info = modeling.model_info(config.model)
-        self.device = modeling.pick_device(config.device)
+        self.device = distributed.local_device(modeling.pick_device(config.device))
         self.tokenizer = modeling.load_tokenizer(config.model)
         self.buffer = buffer if buffer is not None else open_buffer(config.buffer)
         self.registry = Registry(config.registry)
@@ -193,6 +198,13 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        resumed = (self.version, self.progress.cursor)
+        if distributed.on_main(lambda: resumed) != resumed:
+            raise ValueError(
+                f"--registry: rank {distributed.rank()} resumes from {self.version} at cursor "
+                f"{self.progress.cursor}, not from rank 0's; every rank needs the same registry"
+            )
+        distributed.broadcast_tensors(self.params)  # as DDP does: one starting point
         self.read_cursor = self.progress.cursor  # how far read; ≥ cursor while a batch fills
         self.silent_read_cursor = self.progress.silent_cursor
         self.pending: list[Example] = []
@@ -212,7 +224,8 @@ class Learner:
         metrics.BASELINE.set(self.progress.baseline)
         metrics.VERSION.set(version_number(self.version))
         metrics.PUBLISH_EVERY.set(config.publish_every)
-        if self.guard is not None:  # what the base model itself fails is set aside
+        if self.guard is not None and distributed.is_main():  # rank 0 runs the evals
+            # what the base model itself fails is set aside
             self.model.eval()
             with self.model.disable_adapter():
                 base = greedy_answers(self.model, self.tokenizer, self.guard.probes)
@@ -248,12 +261,12 @@ class Learner:
         (`kaizen.bucket`), so a client cannot pick answers that escape the gate."""
         return self.buckets.held_out(response_id, self.config.gate_holdout)
 
-    def _take(self, g: Generation, fb: Feedback) -> None:
+    def _take(self, g: Generation, fb: Feedback, now: float) -> None:
         """Turn one event into the examples this objective trains on (or, for an answer
-        in the gate's slice, into the gate's evidence)."""
+        in the gate's slice, into the gate's evidence); `now` is when its reward is taken."""
         if self.held_out(g.response_id):
             answer = Answer.of(g)
-            r = reward(fb, self.rewards, g, time.time())  # comments: no judge here
+            r = reward(fb, self.rewards, g, now)  # comments: no judge here
             # top_p < 1: μ's support is cut, so no weight is unbiased (learner.replay)
             if r is not None and answer.behaviour is not None and g.sampling.top_p >= 1.0:
                 self.heldout.append((answer, r))
@@ -263,8 +276,8 @@ class Learner:
             return
         score = None
         if fb.kind == FeedbackKind.COMMENT and fb.text.strip() and self.rewards.comment:
-            score = self.judge.score([fb.text])[0]
-        r = reward(fb, self.rewards, g, time.time(), comment_score=score)
+            score = distributed.on_main(lambda: self.judge.score([fb.text])[0])
+        r = reward(fb, self.rewards, g, now, comment_score=score)
         metrics.SAMPLES.labels("yes" if r is not None else "no").inc()
         uses = USES[self.config.objective]
         for example in self.shaper.examples(g, fb.kind, r, fb.text):
@@ -304,20 +317,24 @@ class Learner:
         return False
 
     def fill(self) -> None:
-        """Read events after the cursors until a batch is full or the buffer is drained."""
+        """Read events after the cursors until a batch is full or the buffer is drained.
+        Under torchrun rank 0 reads, and every rank takes what it read, by its clock."""
         size = self.config.batch_size
+        now = distributed.on_main(time.time)
         while len(self.pending) < size:
             # never read more rows than the batch can take, so nothing read is left over
-            rows = self.buffer.consume(self.read_cursor, size - len(self.pending))
+            rows = distributed.on_main(
+                self.buffer.consume, self.read_cursor, size - len(self.pending)
+            )
             if not rows:
                 break
             for sample in rows:
                 self.read_cursor = sample.seq
-                self._take(sample.generation, sample.feedback)
+                self._take(sample.generation, sample.feedback, now)
         if self.rewards.no_reaction and len(self.pending) < size:
-            cutoff = time.time() - self.rewards.no_reaction_window_s
-            rows = self.buffer.read_answers(
-                self.silent_read_cursor, cutoff, size - len(self.pending)
+            cutoff = now - self.rewards.no_reaction_window_s
+            rows = distributed.on_main(
+                self.buffer.read_answers, self.silent_read_cursor, cutoff, size - len(self.pending)
             )
             for seq, g, has_feedback in rows:
                 self.silent_read_cursor = seq
@@ -327,6 +344,7 @@ class Learner:
                         Feedback(
                             f"silent-{seq}", g.response_id, g.user_id, FeedbackKind.NO_REACTION
                         ),
+                        now,
                     )
         if not self.pending:  # only example-less events read: nothing is owed to them
             self.progress.cursor = self.read_cursor
@@ -360,11 +378,26 @@ class Learner:
             self.progress.baseline = m * self.progress.baseline + (1 - m) * mean
 
     def loss(self, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, list[Scored]]:
-        """The objective's loss on `batch`, the mean KL to the reference, the scored examples."""
+        """The objective's loss on `batch`, the mean KL to the reference, the scored examples.
+
+        Under torchrun, this rank's share of the loss and the KL: the forward pass runs on
+        its shard, and each mean over the shard's examples of a kind is weighed by the
+        shard's part of the batch's examples of that kind, so the shares (and their
+        gradients) sum over the ranks to what one process computes on the whole batch.
+        The anchor term, the same whatever the batch, is rank 0's. Alone, every part is 1."""
         c = self.config
+        mine = distributed.shard(batch)
+        everyone = [ex for ex in batch if isinstance(ex, Scored)]  # the baselines' update
+        if not mine:  # fewer examples than ranks: none for this one
+            nothing = torch.zeros((), device=self.device)
+            return nothing, nothing, everyone
+
+        def part(kind: type, here: int) -> float:
+            return here / sum(isinstance(ex, kind) for ex in batch)
+
         answers: list[Answer] = []
         where: list[tuple[int, ...]] = []
-        for ex in batch:
+        for ex in mine:
             parts = (ex.chosen, ex.rejected) if isinstance(ex, Pair) else (ex.answer,)
             where.append(tuple(range(len(answers), len(answers) + len(parts))))
             answers += parts
@@ -378,9 +411,9 @@ class Learner:
         hidden = out.hidden_states[-1] if joint else None
         f = forward_terms(out.logits, ref_logits, ids, mask, behaviour, temperature, top_p, hidden)
 
-        scored = [(w[0], ex) for w, ex in zip(where, batch, strict=True) if isinstance(ex, Scored)]
-        targets = [w[0] for w, ex in zip(where, batch, strict=True) if isinstance(ex, Target)]
-        pairs = [w for w, ex in zip(where, batch, strict=True) if isinstance(ex, Pair)]
+        scored = [(w[0], ex) for w, ex in zip(where, mine, strict=True) if isinstance(ex, Scored)]
+        targets = [w[0] for w, ex in zip(where, mine, strict=True) if isinstance(ex, Target)]
+        pairs = [w for w, ex in zip(where, mine, strict=True) if isinstance(ex, Pair)]
         rewards = torch.tensor([ex.reward for _, ex in scored], device=self.device)
         zero = f.kl.sum() * 0
         match c.objective:
@@ -390,7 +423,7 @@ class Learner:
                 )
                 main = reinforce_loss(
                     _select(f, [i for i, _ in scored]), rewards - base, c.clip_eps
-                )
+                ) * part(Scored, len(scored))
             case "kto":
                 signed = [(i, ex.reward > 0) for i, ex in scored if ex.reward != 0]
                 signed += [(i, True) for i in targets]
@@ -406,19 +439,25 @@ class Learner:
                     _select(f, [p[1] for p in pairs]),
                     c.clip_eps,
                     c.dpo_beta,
-                )
+                ) * part(Pair, len(pairs))
             case "sft":
-                main = sft_loss(_select(f, targets), c.clip_eps)
+                main = sft_loss(_select(f, targets), c.clip_eps) * part(Target, len(targets))
             case "joint":
-                main = sft_loss(_select(f, targets), c.clip_eps) if targets else zero
+                main = zero
+                if targets:
+                    sft = sft_loss(_select(f, targets), c.clip_eps)
+                    main = sft * part(Target, len(targets))
                 if scored:
                     predicted = self.head(_select(f, [i for i, _ in scored]).hidden)
-                    main = main + c.feedback_coef * feedback_loss(predicted, rewards)
-        kl = f.kl.mean()
+                    fit = feedback_loss(predicted, rewards) * part(Scored, len(scored))
+                    main = main + c.feedback_coef * fit
+        # a pair is two answers: the KL's mean is over answers, the batch's and the shard's
+        answered = sum(2 if isinstance(ex, Pair) else 1 for ex in batch)
+        kl = f.kl.mean() * (len(answers) / answered)
         loss = main + c.kl_coef * kl
-        if c.anchor_coef > 0:
+        if c.anchor_coef > 0 and distributed.is_main():
             loss = loss + c.anchor_coef * self.anchor_kl()
-        return loss, kl.detach(), [ex for _, ex in scored]
+        return loss, kl.detach(), everyone
 
     def step(self, batch: list[Example]) -> StepResult:
         """One gradient step on `batch`; a non-finite loss or gradient drops it."""
@@ -430,11 +469,14 @@ class Learner:
         mean_reward = sum(s.reward for s in scored) / len(scored) if scored else 0.0
         self._update_baselines(scored)
         self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad and torch.isfinite(loss):
+            loss.backward()
+        # every rank calls it, whatever its own loss: the batch's gradient, loss and KL
+        loss, kl = distributed.sum_gradients(self.params, loss.detach(), kl)
         reason = "ok"
         if not torch.isfinite(loss):
             reason = "nonfinite_loss"
         else:
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 reason = "nonfinite_grad"
@@ -460,7 +502,7 @@ class Learner:
         wanted = set().union(*(sources(ex) for ex in batch)) if batch else set()
         if not wanted:
             return batch
-        present = self.buffer.owners(sorted(wanted)).keys()
+        present = distributed.on_main(self.buffer.owners, sorted(wanted)).keys()
         kept = [ex for ex in batch if sources(ex) <= present]
         if len(kept) < len(batch):
             metrics.DROPPED_DELETED.inc(len(batch) - len(kept))
@@ -683,7 +725,10 @@ class Learner:
     def publish(self) -> str | None:
         """Publish the weights as a new version, unless a guard refuses them: then the
         candidate is published for the record as rejected (never served), the weights go
-        back to the last accepted version's, and this returns None."""
+        back to the last accepted version's, and this returns None. Under torchrun rank 0
+        alone runs the guards and writes; the others take its verdict."""
+        if not distributed.is_main():
+            return self._take_verdict()
         started = time.time_ns()
         probe_kl = self.probe_kl()
         metrics.PROBE_KL.set(probe_kl)
@@ -707,11 +752,7 @@ class Learner:
                 self.config.cap(self.config.max_key_share),
                 len(self.window_users),
             )
-        self._reset_caps()
-        self.progress.window_rewards = []
-        self.progress.window_examples = 0
-        self.progress.window_held_out = 0
-        self._show_window()
+        self._close_window()
         guard, reason, gate, evals = "", "", {}, None
         if probe_kl > self.config.max_probe_kl:
             guard = "probe_kl"
@@ -754,6 +795,7 @@ class Learner:
                     staging / STATE_FILE,
                 )
         published = self.registry.latest()
+        distributed.broadcast_object((published, reason))  # what _take_verdict waits for
         metrics.LAST_PUBLISH.set(time.time())
         tracing.record(
             "kaizen.publish",
@@ -796,6 +838,29 @@ class Learner:
             gate.get("difference_low", "not judged"),
         )
         return self.version
+
+    def _close_window(self) -> None:
+        """A version is being published: the next one's window starts empty."""
+        self._reset_caps()
+        self.progress.window_rewards = []
+        self.progress.window_examples = 0
+        self.progress.window_held_out = 0
+        self._show_window()
+
+    def _take_verdict(self) -> str | None:
+        """publish() on a rank other than 0: the same window closed, and rank 0's verdict
+        followed (back to the published weights after a rejection), so weights, optimizer
+        and version stay the same on every rank."""
+        self._close_window()
+        published, reason = distributed.broadcast_object(None)
+        if reason:
+            self._restore()
+            self.progress.rejected += 1
+            return None
+        self.version = published
+        self.progress.rejected = 0
+        self._published = self._snapshot()
+        return published
 
     def _acknowledge(self) -> None:
         """Tell the buffer that every event up to the cursor is in a published version
@@ -869,26 +934,31 @@ class Learner:
     def follow_servers(self) -> None:
         """Rebase when servers decided something that calls for it; the decisions are read
         again only when the registry's rollout records changed (a rename changes the
-        folder's mtime), not on every turn of the loop."""
+        folder's mtime), not on every turn of the loop. Under torchrun rank 0 reads them and
+        every rank rebases."""
+        if (target := distributed.on_main(self._new_rebase_target)) is not None:
+            self.rebase(*target)
+
+    def _new_rebase_target(self) -> tuple[str, str] | None:
         stamp = self.registry.rollout_stamp()
         if stamp == self._rollout_stamp:
-            return
+            return None
         self._rollout_stamp = stamp
-        if (target := self.rebase_target()) is not None:
-            self.rebase(*target)
+        return self.rebase_target()
 
     def run(self, stop: threading.Event) -> None:
         """Learn until `stop` is set or max_steps is reached. Each time it runs out of
         events it logs once what it has and what it waits for; between steps it rebases
         onto the serving version when its own was rolled back or an operator promoted
-        another."""
+        another. Under torchrun every rank takes rank 0's word on when to stop and when
+        to train: their own clocks would part them."""
         said = ""
-        while not stop.is_set():
+        while not distributed.on_main(stop.is_set):
             self.follow_servers()
             self.fill()
             self._show_window()
             self._show_lag()
-            trained = self.ready(self.config.batch_wait_s)
+            trained = distributed.on_main(self.ready, self.config.batch_wait_s)
             if trained:
                 self.train_pending()
             if self.due():
