@@ -12,6 +12,7 @@ from kaizen.config import add_options, from_options
 def register(commands: argparse._SubParsersAction) -> None:
     from bench.config import (
         CanaryBench,
+        IngestBench,
         JudgeBench,
         LearnBench,
         PoisonBench,
@@ -97,6 +98,20 @@ def register(commands: argparse._SubParsersAction) -> None:
         CanaryBench,
         _canary,
     )
+    _add(
+        benchmarks.add_parser(
+            "ingest",
+            help="durable feedback events/s through StreamFeedback, beside the buffer's own limit",
+            description="Seed the buffer with answers, time --clients threads calling the "
+            "buffer's append_feedback with batches of --batch events (its own limit: the same "
+            "durability, no gRPC), then start kaizen serve on it and have --clients clients "
+            "stream --events events through FeedbackService.StreamFeedback, --batch per call. "
+            "Report events/s, the ratio to the limit and the p50/p99 ack latency per stream; "
+            "check that every event sent is stored exactly once.",
+        ),
+        IngestBench,
+        _ingest,
+    )
 
 
 def _add(parser: argparse.ArgumentParser, config_cls: type, run: Callable) -> None:
@@ -148,6 +163,12 @@ def _poison(config) -> dict[str, object]:
 
 def _canary(config) -> dict[str, object]:
     from bench.canary import run
+
+    return run(config)
+
+
+def _ingest(config) -> dict[str, object]:
+    from bench.ingest import run
 
     return run(config)
 

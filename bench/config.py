@@ -154,3 +154,33 @@ class PoisonBench(LearnBench):
             raise ValueError(f"--group-share: must be in (0, 0.5], got {self.group_share}")
         if not self.marker.strip() or len(self.marker) > 40:
             raise ValueError("--marker: must be 1 to 40 characters")
+
+
+@dataclass(frozen=True)
+class IngestBench:
+    model: Path = option(DEFAULT_MODEL_DIR, "checkpoint the server loads (feedback never runs it)")
+    buffer: str = option(
+        "",
+        "buffer URL, sqlite:///PATH or redis://HOST:PORT/DB, answers are seeded into it; "
+        "empty: a new SQLite file in the run's directory",
+    )
+    redis: bool = option(
+        False, "start a local redis-server (appendonly yes, appendfsync always) and use it"
+    )
+    clients: int = option(4, "concurrent clients, each with one stream in flight")
+    events: int = option(40000, "events sent through gRPC; as many go straight to the buffer")
+    batch: int = option(100, "events per StreamFeedback call (and per append_feedback call)")
+    answers: int = option(1000, "answers seeded for each of the two phases")
+    users: int = option(100, "users the seeded answers belong to")
+    data: Path | None = option(
+        None, "keep the run's buffer, keys and server log in this directory; none: a temporary one"
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive(self)
+        if self.buffer and self.redis:
+            raise ValueError("--buffer, --redis: give one (--redis starts its own redis-server)")
+        if self.batch > 10_000:
+            raise ValueError(f"--batch: at most 10000 events per stream, got {self.batch}")
+        if self.users > self.answers:
+            raise ValueError(f"--users: at most --answers ({self.answers}), got {self.users}")

@@ -298,16 +298,21 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         started = time.time_ns()
         self.limiter.feedback(principal, collections.Counter(ev.user_id for ev in events))
         result = self.buffer.append_feedback(events)
-        for ev, new in zip(events, result.new, strict=True):  # counted once durable
-            metrics.FEEDBACK.labels(str(ev.kind), "accepted" if new else "duplicate").inc()
-            tracing.record(
-                "kaizen.feedback",
-                tracing.answer(ev.response_id),
-                started,
-                kind=str(ev.kind),
-                event_id=ev.event_id,
-                result="accepted" if new else "duplicate",
-            )
+        results = zip(events, result.new, strict=True)
+        outcomes = [(ev, "accepted" if new else "duplicate") for ev, new in results]
+        # counted once durable; one increment per kind and result, not per event
+        for (kind, outcome), n in collections.Counter((ev.kind, r) for ev, r in outcomes).items():
+            metrics.FEEDBACK.labels(str(kind), outcome).inc(n)
+        if tracing.enabled():  # off: no per-event span attributes to build
+            for ev, outcome in outcomes:
+                tracing.record(
+                    "kaizen.feedback",
+                    tracing.answer(ev.response_id),
+                    started,
+                    kind=str(ev.kind),
+                    event_id=ev.event_id,
+                    result=outcome,
+                )
         return feedback_pb2.FeedbackAck(
             accepted=result.accepted, duplicates=result.duplicates, superseded=result.superseded
         )

@@ -139,9 +139,11 @@ class SQLiteBuffer:
         self._submit(lambda conn: conn.execute(sql, row))
 
     def append_feedback(self, events: Sequence[Feedback]) -> StoreResult:
-        """Store events atomically: all of them, or none when one is invalid or conflicting."""
+        """Store events atomically: all of them, or none when one is invalid or conflicting.
+        The digests are computed here, in the caller's thread: the one writer runs SQL."""
         events = list(events)
-        return self._submit(lambda conn: _insert_feedback(conn, events))  # type: ignore[return-value]
+        digests = [ev.payload_sha256() for ev in events]
+        return self._submit(lambda conn: _insert_feedback(conn, events, digests))  # type: ignore[return-value]
 
     def _submit(self, work: Callable[[sqlite3.Connection], object]) -> object:
         if self._closed:
@@ -404,49 +406,71 @@ def _migrate(conn: sqlite3.Connection) -> None:
     )
 
 
-def _insert_feedback(conn: sqlite3.Connection, events: list[Feedback]) -> StoreResult:
+def _select_in(conn: sqlite3.Connection, sql: str, values: Sequence[str]) -> list[tuple]:
+    """Rows of `sql`, whose `IN ({})` takes the distinct `values`, 500 bound at a time
+    (SQLite's bound-parameter limit)."""
+    distinct = list(dict.fromkeys(values))
+    cursor = conn.cursor()
+    cursor.row_factory = None  # plain tuples: a Row per checked id costs more than its lookup
+    rows: list[tuple] = []
+    for i in range(0, len(distinct), 500):
+        chunk = distinct[i : i + 500]
+        rows += cursor.execute(sql.format(", ".join("?" * len(chunk))), chunk).fetchall()
+    return rows
+
+
+def _insert_feedback(
+    conn: sqlite3.Connection, events: list[Feedback], digests: list[str]
+) -> StoreResult:
+    """One query per check for the whole batch (stored ids, forgotten senders, known
+    answers), one UPDATE for the active events the batch supersedes, then the rows in one
+    INSERT, each already in its final state, instead of five statements per event."""
+    sql = "SELECT event_id, payload_sha256 FROM feedback WHERE event_id IN ({})"
+    stored = dict(_select_in(conn, sql, [ev.event_id for ev in events]))
+    senders = {user: user_sha256(user) for user in {ev.user_id for ev in events}}
+    sql = "SELECT user_sha256 FROM forgotten WHERE user_sha256 IN ({})"
+    forgotten = {r[0] for r in _select_in(conn, sql, list(senders.values()))}
+    sql = "SELECT response_id FROM generations WHERE response_id IN ({})"
+    known = {r[0] for r in _select_in(conn, sql, [ev.response_id for ev in events])}
     new: list[bool] = []
-    superseded = 0
+    rows: list[list[object]] = []
+    newest: dict[tuple[str, str, str], int] = {}  # signal -> its newest row in this batch
     now = time.time()
-    for ev in events:
-        digest = ev.payload_sha256()
-        old = conn.execute(
-            "SELECT payload_sha256 FROM feedback WHERE event_id = ?", (ev.event_id,)
-        ).fetchone()
+    for ev, digest in zip(events, digests, strict=True):
+        old = stored.get(ev.event_id)
         if old is not None:
-            if old[0] != digest:
+            if old != digest:
                 raise conflicting_event(ev)
             new.append(False)
             continue
-        if conn.execute(
-            "SELECT 1 FROM forgotten WHERE user_sha256 = ?", (user_sha256(ev.user_id),)
-        ).fetchone():
+        if senders[ev.user_id] in forgotten:
             raise forgotten_sender(ev)
-        known = conn.execute(
-            "SELECT 1 FROM generations WHERE response_id = ?", (ev.response_id,)
-        ).fetchone()
-        if known is None:
+        if ev.response_id not in known:
             raise unknown_answer(ev)
-        conn.execute(
-            "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
-            " payload_sha256, received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                ev.event_id,
-                ev.response_id,
-                ev.user_id,
-                str(ev.kind),
-                ev.value,
-                ev.text,
-                digest,
-                ev.received_at or now,
-                ev.source,
-            ),
-        )
-        # one effective signal per (user, answer, kind): this event replaces the others
-        superseded += conn.execute(
-            f"UPDATE feedback SET state = '{SUPERSEDED}' WHERE response_id = ? AND user_id = ?"
-            f" AND kind = ? AND state = '{ACTIVE}' AND event_id != ?",
-            (ev.response_id, ev.user_id, str(ev.kind), ev.event_id),
-        ).rowcount
+        stored[ev.event_id] = digest  # the same id again later in this batch: a duplicate
+        newest[(ev.response_id, ev.user_id, str(ev.kind))] = len(rows)
+        row = [ev.event_id, ev.response_id, ev.user_id, str(ev.kind), ev.value, ev.text]
+        rows.append([*row, digest, ev.received_at or now, ev.source, ACTIVE])
         new.append(True)
-    return StoreResult(tuple(new), superseded)
+    # one effective signal per (user, answer, kind): each signal's newest event in the
+    # batch replaces the stored active one and the batch's earlier ones
+    latest = set(newest.values())
+    for i, row in enumerate(rows):
+        if i not in latest:
+            row[-1] = SUPERSEDED
+    replaced = 0
+    signals = list(newest)
+    for i in range(0, len(signals), 166):  # 3 bound parameters each
+        chunk = signals[i : i + 166]
+        replaced += conn.execute(
+            f"UPDATE feedback SET state = '{SUPERSEDED}' WHERE state = '{ACTIVE}' AND"
+            " (response_id, user_id, kind) IN (SELECT * FROM (VALUES"
+            f" {', '.join(['(?, ?, ?)'] * len(chunk))}))",  # the feedback_signal index
+            [x for signal in chunk for x in signal],
+        ).rowcount
+    conn.executemany(
+        "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
+        " payload_sha256, received_at, source, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return StoreResult(tuple(new), len(rows) - len(latest) + replaced)
