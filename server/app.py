@@ -187,7 +187,9 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         max_context=info.max_context,
         max_feedback_text_chars=config.max_feedback_text_chars,
     )
-    limiter = Limiter(config.rate_limits())
+    # replicas on Redis share their buckets there; on SQLite each server keeps its own
+    shared = buffer if hasattr(buffer, "take_tokens") else None
+    limiter = Limiter(config.rate_limits(), shared=shared)
     auth_interceptor = AuthInterceptor(auth)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="kaizen-rpc"),

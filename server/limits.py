@@ -9,6 +9,11 @@ stored, and counted in `kaizen_rate_limited_total{limit}`.
 
 The table of buckets is bounded (least recently used first out): a bucket dropped for
 room is refilled, which only ever favours a user who was idle longest.
+
+Server replicas on a Redis buffer share their buckets in Redis (`RedisBuffer.take_tokens`,
+one script per call, by Redis' clock): a user whose requests a load balancer spreads over
+N replicas gets the limit once, not N times. With the SQLite buffer the buckets are each
+server's own.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from kaizen.auth import Principal
+from kaizen.buffer.base import user_sha256
 from kaizen.errors import ResourceExhausted
 from server import metrics
 
@@ -39,6 +46,12 @@ class RateLimits:
                 raise ValueError(f"--{name.replace('_', '-')}: must be positive, got {value}")
 
 
+class SharedBuckets(Protocol):
+    """Token buckets several servers spend from (the Redis buffer)."""
+
+    def take_tokens(self, costs: Sequence[tuple[str, float, float]]) -> tuple[int, float]: ...
+
+
 class _Bucket:
     __slots__ = ("tokens", "at")
 
@@ -50,9 +63,12 @@ class _Bucket:
 class Limiter:
     """Token buckets; `take` spends from several at once, or from none."""
 
-    def __init__(self, limits: RateLimits, clock=time.monotonic) -> None:
+    def __init__(
+        self, limits: RateLimits, clock=time.monotonic, shared: SharedBuckets | None = None
+    ) -> None:
         self.limits = limits
         self.clock = clock
+        self.shared = shared  # the replicas' buckets; None: this server's own, below
         # (what, kind, name): ("requests" | "feedback", "user" | "key", who) -> bucket
         self._buckets: collections.OrderedDict[tuple[str, str, str], _Bucket] = (
             collections.OrderedDict()
@@ -74,20 +90,22 @@ class Limiter:
     def take(self, costs: Mapping[tuple[str, str, str], tuple[float, float]]) -> None:
         """Spend `cost` from each bucket `(what, kind, name)` whose limit is `per_min`
         (costs maps the bucket to (cost, per_min)); all or nothing."""
+        if self.shared is not None:
+            items = list(costs.items())
+            short, left = self.shared.take_tokens(
+                [(f"{w}:{k}:{user_sha256(n)}", c, p) for (w, k, n), (c, p) in items]
+            )
+            if short:
+                (what, kind, name), (cost, per_min) = items[short - 1]
+                raise _refusal(what, kind, name, cost, per_min, left)
+            return
         now = self.clock()
         with self._lock:
             buckets = {k: self._bucket(k, per_min, now) for k, (_, per_min) in costs.items()}
             for (what, kind, name), (cost, per_min) in costs.items():
                 left = buckets[(what, kind, name)].tokens
                 if left < cost:
-                    limit = f"{kind}_{what}_per_min"
-                    metrics.RATE_LIMITED.labels(limit).inc()
-                    noun = "requests" if what == "requests" else "feedback events"
-                    raise ResourceExhausted(
-                        f"{limit}: {kind} {name!r} is over its limit of {per_min:g} {noun} "
-                        f"a minute (--{limit.replace('_', '-')}); retry in "
-                        f"{(cost - left) * 60 / per_min:.1f} s"
-                    )
+                    raise _refusal(what, kind, name, cost, per_min, left)
             for key, (cost, _) in costs.items():
                 buckets[key].tokens -= cost
 
@@ -106,3 +124,16 @@ class Limiter:
     def feedback(self, principal: Principal, users: Mapping[str, int]) -> None:
         """Feedback events, counted per user they are for, through `principal`."""
         self.take(self._costs("feedback", principal, users))
+
+
+def _refusal(
+    what: str, kind: str, name: str, cost: float, per_min: float, left: float
+) -> ResourceExhausted:
+    limit = f"{kind}_{what}_per_min"
+    metrics.RATE_LIMITED.labels(limit).inc()
+    noun = "requests" if what == "requests" else "feedback events"
+    return ResourceExhausted(
+        f"{limit}: {kind} {name!r} is over its limit of {per_min:g} {noun} "
+        f"a minute (--{limit.replace('_', '-')}); retry in "
+        f"{(cost - left) * 60 / per_min:.1f} s"
+    )

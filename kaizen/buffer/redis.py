@@ -34,6 +34,10 @@ Layout, every key under `kaizen:`:
   `forgotten` (tombstones: SHA-256 of the user id → when).
 - `lease:<name>`: a string, the holder, with a TTL (server replicas elect their rollout
   authority with it; Redis' clock expires it, so the replicas' clocks do not matter).
+- `rate:<what>:<kind>:<sha256>`: the replicas' shared rate-limit buckets (tokens, at),
+  each expiring a minute after its last use (a bucket idle that long is full anyway).
+  Written with replication off: never in the append-only file (no fsync per request),
+  so a restarted Redis forgets them, as a restarted server forgets its own.
 
 The learner consumes `feedback` through the consumer group `learner`: XREADGROUP hands it
 entries, which stay pending until the learner has published a version whose cursor covers
@@ -476,6 +480,34 @@ if redis.call('GET', key) == ARGV[3] then redis.call('DEL', key) end
 return 0
 """
 
+# ARGV: prefix, then (bucket, cost, per_min) triples; all buckets are spent or none.
+# Returns 0, or the 1-based index of the first bucket short of its cost and what it has.
+TAKE_TOKENS = """#!lua
+redis.set_repl(redis.REPL_NONE)
+local P = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local n = (#ARGV - 1) / 3
+local left = {}
+for i = 1, n do
+  local key = P..'rate:'..ARGV[3 * i - 1]
+  local cost, per = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local h = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = per
+  if h[1] then
+    tokens = math.min(per, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * per / 60)
+  end
+  if tokens < cost then return {i, tostring(tokens)} end
+  left[i] = tokens - cost
+end
+for i = 1, n do
+  local key = P..'rate:'..ARGV[3 * i - 1]
+  redis.call('HSET', key, 'tokens', tostring(left[i]), 'at', tostring(now))
+  redis.call('EXPIRE', key, 61)
+end
+return {0, ''}
+"""
+
 # -- the buffer -----------------------------------------------------------------------
 
 
@@ -505,6 +537,7 @@ class RedisBuffer:
         self._owners = s(OWNERS)
         self._lease = s(LEASE)
         self._release = s(RELEASE)
+        self._take_tokens = s(TAKE_TOKENS)
 
     def _call(self, what: Callable[[], T], *, read: bool = False) -> T:
         """Run one command; map Redis' failures to the errors the server reports. A read
@@ -754,6 +787,16 @@ class RedisBuffer:
 
     def release(self, name: str, holder: str) -> None:
         self._call(lambda: self._release(args=[PREFIX, name, holder]))
+
+    def take_tokens(self, costs: Sequence[tuple[str, float, float]]) -> tuple[int, float]:
+        """Spend from the shared token buckets `(name, cost, per_min)`, all or none, by
+        Redis' clock: (0, 0.0), or (i, tokens it has) for the first bucket (1-based) short
+        of its cost. A bucket holds a minute's allowance and refills continuously."""
+        args: list[object] = [PREFIX]
+        for name, cost, per_min in costs:
+            args += [name, repr(float(cost)), repr(float(per_min))]
+        short, left = self._call(lambda: self._take_tokens(args=args))
+        return int(short), float(left or 0.0)
 
     def feedback_states(self) -> dict[str, int]:
         counts = self._call(lambda: self.client.hgetall(PREFIX + "states"), read=True)

@@ -18,6 +18,7 @@ from kaizen.errors import ResourceExhausted
 from kaizen.v1 import chat_pb2_grpc, feedback_pb2, feedback_pb2_grpc
 from server.limits import Limiter, RateLimits
 from tests.conftest import ask
+from tests.redis_server import redis_server_fixture  # noqa: F401
 
 
 def rss_kb() -> int:
@@ -161,3 +162,31 @@ def test_buckets_refill_at_the_limits_pace_and_take_all_or_nothing():
         limiter.feedback(key, {"bob": 10, "cat": 61})  # cat over: bob not charged either
     limiter.feedback(key, {"bob": 60})  # bob's whole minute is still there
     limiter.feedback(INSECURE, {"": 1000})  # an open server and no user: no bucket
+
+
+def test_replicas_on_redis_share_one_bucket_per_user_and_never_fsync_it(redis_server):
+    """Two servers' limiters on one Redis buffer (two replicas behind a load balancer):
+    the user's minute is spent once across both, all or nothing; the buckets never reach
+    the append-only file."""
+    from kaizen.buffer import open_buffer
+
+    buffers = [open_buffer(redis_server.url) for _ in range(2)]
+    try:
+        a, b = (Limiter(RateLimits(3, 100, 60, 100), shared=buf) for buf in buffers)
+        user = Principal("user", "ann-secret-id", frozenset({"chat"}), user="ann-secret-id")
+        a.request(user, "ann-secret-id")
+        b.request(user, "ann-secret-id")
+        a.request(user, "ann-secret-id")
+        with pytest.raises(ResourceExhausted, match="user_requests_per_min: user 'ann-secret-id'"):
+            b.request(user, "ann-secret-id")  # 3 a minute in all, not 3 per replica
+        b.request(Principal("user", "bob", frozenset({"chat"}), user="bob"), "bob")
+        key = Principal("key", "fe", frozenset({"feedback"}))
+        with pytest.raises(ResourceExhausted, match="user_feedback_per_min"):
+            a.feedback(key, {"cat": 10, "dan": 61})  # dan over: cat not charged either
+        b.feedback(key, {"cat": 60})  # cat's whole minute is still there, on the other one
+        assert buffers[0].client.keys("kaizen:rate:*")  # they are in Redis, hashed…
+        on_disk = redis_server.files()  # …and not in its append-only file
+        assert b"rate:" not in on_disk and b"ann-secret-id" not in on_disk
+    finally:
+        for buf in buffers:
+            buf.close()
