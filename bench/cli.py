@@ -101,12 +101,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add(
         benchmarks.add_parser(
             "ingest",
-            help="durable feedback events/s through StreamFeedback, beside the buffer's own limit",
+            help="durable feedback events/s through StreamFeedback and StreamFeedbackBatches, "
+            "beside the buffer's own limit",
             description="Seed the buffer with answers, time --clients threads calling the "
             "buffer's append_feedback with batches of --batch events (its own limit: the same "
             "durability, no gRPC), then start kaizen serve on it and have --clients clients "
-            "stream --events events through FeedbackService.StreamFeedback, --batch per call. "
-            "Report events/s, the ratio to the limit and the p50/p99 ack latency per stream; "
+            "send --events events per RPC, --batch per call, through "
+            "FeedbackService.StreamFeedback (a message per event) and StreamFeedbackBatches "
+            "(one message per call; --rpc picks one). Report events/s, the ratio to the limit "
+            "and the p50/p99 ack latency per call; "
             "check that every event sent is stored exactly once.",
         ),
         IngestBench,

@@ -10,6 +10,7 @@ from kaizen.modeling import DEFAULT_MODEL_DIR, DTYPE_HELP
 from learner.config import OBJECTIVES
 
 DTYPES = ("auto", "fp32", "bf16")
+INGEST_RPCS = ("both", "stream", "batches")
 
 
 def _check_positive(config: object) -> None:
@@ -168,8 +169,20 @@ class IngestBench:
         False, "start a local redis-server (appendonly yes, appendfsync always) and use it"
     )
     clients: int = option(4, "concurrent clients, each with one stream in flight")
-    events: int = option(40000, "events sent through gRPC; as many go straight to the buffer")
-    batch: int = option(100, "events per StreamFeedback call (and per append_feedback call)")
+    events: int = option(
+        40000, "events sent through each RPC measured; as many go straight to the buffer"
+    )
+    batch: int = option(
+        100,
+        "events per call (and per append_feedback call): B messages on StreamFeedback, "
+        "one FeedbackBatch message on StreamFeedbackBatches",
+    )
+    rpc: str = option(
+        "both",
+        "the RPC measured: stream (StreamFeedback), batches (StreamFeedbackBatches) or both, "
+        "one after the other on the same server",
+        INGEST_RPCS,
+    )
     answers: int = option(1000, "answers seeded for each of the two phases")
     users: int = option(100, "users the seeded answers belong to")
     data: Path | None = option(

@@ -3,12 +3,14 @@
 Seeds the buffer with answers (append_generation, straight into the buffer, before the
 server starts), measures the backend's own limit (C threads calling `append_feedback` with
 batches of B events: the same durability, no gRPC), then starts `kaizen serve` on that
-buffer and has C clients stream the same number of events in batches of B through
-`FeedbackService.StreamFeedback`, each stream's ack timed. Every event refers to a seeded
-answer and is sent in its owner's name with a service key, so each one goes the whole way:
-parse, validation, ownership lookup, rate limits, group commit. Afterwards every event
-sent over gRPC is sent to the buffer again: each must come back a duplicate (none lost),
-and the buffer must have grown by exactly the events sent (none stored twice).
+buffer and has C clients send the same number of events in calls of B events, each
+call's ack timed: through `FeedbackService.StreamFeedback` (B messages a call), then
+through `StreamFeedbackBatches` (one FeedbackBatch message of B events a call), each on
+answers of its own. Every event refers to a seeded answer and is sent in its owner's
+name with a service key, so each one goes the whole way: parse, validation, ownership
+lookup, rate limits, group commit. Afterwards every event sent over gRPC is sent to the
+buffer again: each must come back a duplicate (none lost), and the buffer must have grown
+by exactly the events sent (none stored twice).
 """
 
 from __future__ import annotations
@@ -36,20 +38,28 @@ from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.sim.demo import free_port
 from kaizen.v1 import feedback_pb2
 
-METHOD = "/kaizen.v1.FeedbackService/StreamFeedback"
+METHODS = {
+    "stream": "/kaizen.v1.FeedbackService/StreamFeedback",
+    "batches": "/kaizen.v1.FeedbackService/StreamFeedbackBatches",
+}
+TAGS = {"stream": "rpc", "batches": "bat"}  # in the seeded answers' and the events' ids
+WARM_TAGS = {"stream": "warm", "batches": "bwarm"}  # in the warm-up events' ids
+PREFIXES = {"stream": "", "batches": "batched_"}  # of each RPC's figures in the report
 REDIS_DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
 SEED_THREADS = 16  # answers are seeded concurrently so they share commits (fsyncs)
 
 
 def run(config: IngestBench) -> dict[str, object]:
+    rpcs = list(METHODS) if config.rpc == "both" else [config.rpc]
     with _workdir(config.data) as workdir, _buffer_url(config, workdir) as url:
         backend = url.split(":", 1)[0]
         run_id = uuid.uuid4().hex[:8]  # ids unique to this run: a kept buffer can be reused
         buffer = open_buffer(url)
         try:
-            say(f"seeding {2 * config.answers} answers into the {backend} buffer")
+            seeded = (1 + len(rpcs)) * config.answers
+            say(f"seeding {seeded} answers into the {backend} buffer")
             raw_answers = _seed(buffer, f"{run_id}-raw", config)
-            rpc_answers = _seed(buffer, f"{run_id}-rpc", config)
+            rpc_answers = {rpc: _seed(buffer, f"{run_id}-{TAGS[rpc]}", config) for rpc in rpcs}
             raw_events = _events(f"{run_id}-raw", raw_answers, config.events)
             cpu_s = time.process_time()
             raw = _raw(buffer, _batches(raw_events, config.batch), config.clients)
@@ -58,52 +68,79 @@ def run(config: IngestBench) -> dict[str, object]:
             before = sum(buffer.feedback_states().values())
         finally:
             buffer.close()
-        warm = _events(f"{run_id}-warm", rpc_answers, config.clients * config.batch)
-        events = _events(f"{run_id}-rpc", rpc_answers, config.events)
+        n_warm = config.clients * config.batch  # one call per client before the clock starts
+        warm = {
+            rpc: _events(f"{run_id}-{WARM_TAGS[rpc]}", answers, n_warm)
+            for rpc, answers in rpc_answers.items()
+        }
+        sent = {
+            rpc: _events(f"{run_id}-{TAGS[rpc]}", answers, config.events)
+            for rpc, answers in rpc_answers.items()
+        }
         _, key = local_key(workdir / "auth", "bench-ingest")  # beside the server's own
         extra = ["--buffer", url, "--guard-evals", "none"]  # no answers to guard
+        figures: dict[str, dict] = {}
         with kaizen_server(config.model, workdir, 1, 8, "auto", extra) as server:
             target = _address(server.log)
-            _stream(target, key, _batches(warm, config.batch), config.clients)
-            say(
-                f"streaming {config.events} events, {config.clients} clients, "
-                f"batches of {config.batch}"
-            )
-            cpu_s = _cpu_s(server.process.pid)
-            rpc = _stream(target, key, _batches(events, config.batch), config.clients)
-            server_cpu_s = _cpu_s(server.process.pid) - cpu_s
-            say(f"through gRPC: {rpc['events_per_s']:,.0f} events/s")
+            for rpc in rpcs:
+                _send(target, key, rpc, _batches(warm[rpc], config.batch), config.clients)
+                say(
+                    f"{METHODS[rpc].rsplit('/', 1)[1]}: {config.events} events, "
+                    f"{config.clients} clients, {config.batch} events a call"
+                )
+                cpu_s = _cpu_s(server.process.pid)
+                figures[rpc] = _send(
+                    target, key, rpc, _batches(sent[rpc], config.batch), config.clients
+                )
+                figures[rpc]["server_cpu_s"] = _cpu_s(server.process.pid) - cpu_s
+                say(f"through gRPC: {figures[rpc]['events_per_s']:,.0f} events/s")
         buffer = open_buffer(url)
         try:
-            stored = sum(buffer.feedback_states().values()) - before - len(warm)
-            resent = _raw(buffer, _batches(events, config.batch), config.clients)
+            warmed = sum(len(events) for events in warm.values())
+            stored = sum(buffer.feedback_states().values()) - before - warmed
+            every = [ev for events in sent.values() for ev in events]
+            resent = _raw(buffer, _batches(every, config.batch), config.clients)
         finally:
             buffer.close()
-    acks = rpc["ack_ms"]
-    return {
+    report: dict[str, object] = {
         "backend": backend,
+        "rpc": config.rpc,
         "clients": config.clients,
         "batch": config.batch,
         "events": config.events,
-        "events_per_s": round(rpc["events_per_s"]),
         "backend_limit_events_per_s": round(raw["events_per_s"]),
-        "ratio": round(rpc["events_per_s"] / raw["events_per_s"], 3),
-        "p50_ack_ms": round(percentile(acks, 50), 1),
-        "p99_ack_ms": round(percentile(acks, 99), 1),
-        "seconds": round(rpc["seconds"], 2),
+    }
+    for rpc, rpc_figures in figures.items():
+        report.update(_figures(PREFIXES[rpc], rpc_figures, raw, config.events))
+    if len(figures) == 2:  # measured in the same run, on the same server
+        speedup = figures["batches"]["events_per_s"] / figures["stream"]["events_per_s"]
+        report["batched_vs_stream"] = round(speedup, 2)
+    return report | {
         "backend_limit_seconds": round(raw["seconds"], 2),
-        "answers_seeded": 2 * config.answers,
-        "events_accepted": rpc["accepted"],
+        "answers_seeded": seeded,
+        "events_accepted": sum(f["accepted"] for f in figures.values()),
         "events_stored": stored,
         "events_lost": resent["accepted"],  # stored only now: the server had not
         "server_exit_code": server.exit_code,
         "durability": _durability(url),
-        # CPU time per event, which other load on the machine does not change: the server
-        # process's in the gRPC phase, this process's (the buffer's client side) in the other
-        "server_cpu_us_per_event": round(server_cpu_s / config.events * 1e6, 1),
         "backend_limit_cpu_us_per_event": round(raw_cpu_s / config.events * 1e6, 1),
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def _figures(prefix: str, rpc: dict, raw: dict, events: int) -> dict[str, object]:
+    """One RPC's figures, under `prefix`: events/s, its ratio to the backend's limit, ack
+    latency, and the server's CPU time per event, which other load on the machine does
+    not change (the backend limit's is this process's: the buffer's client side)."""
+    acks = rpc["ack_ms"]
+    return {
+        f"{prefix}events_per_s": round(rpc["events_per_s"]),
+        f"{prefix}ratio": round(rpc["events_per_s"] / raw["events_per_s"], 3),
+        f"{prefix}p50_ack_ms": round(percentile(acks, 50), 1),
+        f"{prefix}p99_ack_ms": round(percentile(acks, 99), 1),
+        f"{prefix}seconds": round(rpc["seconds"], 2),
+        f"{prefix}server_cpu_us_per_event": round(rpc["server_cpu_s"] / events * 1e6, 1),
     }
 
 
@@ -320,28 +357,36 @@ def _raw(buffer: ReplayBuffer, batches: list[list[Feedback]], clients: int) -> d
     return {"events_per_s": events / seconds, "seconds": seconds, "accepted": accepted}
 
 
-def _stream(target: str, key: str, batches: list[list[Feedback]], clients: int) -> dict:
-    """Each batch one StreamFeedback call, `clients` calls in flight: events/s and each
-    stream's ack latency. The clients share this machine's CPUs with the server, so they
-    cost it as little as they can: messages serialised before the clock starts, asyncio
-    (about half the CPU per message of blocking stubs in threads)."""
-    wire = [[_to_pb(ev).SerializeToString() for ev in batch] for batch in batches]
+def _send(target: str, key: str, rpc: str, batches: list[list[Feedback]], clients: int) -> dict:
+    """Each batch one call of `rpc` ("stream": a message per event; "batches": one
+    FeedbackBatch message), `clients` calls in flight: events/s and each call's ack
+    latency. The clients share this machine's CPUs with the server, so they cost it as
+    little as they can: messages serialised before the clock starts, asyncio (about half
+    the CPU per message of blocking stubs in threads)."""
+    if rpc == "stream":
+        wire = [[_to_pb(ev).SerializeToString() for ev in batch] for batch in batches]
+    else:
+        wire = [
+            [feedback_pb2.FeedbackBatch(events=[_to_pb(ev) for ev in batch]).SerializeToString()]
+            for batch in batches
+        ]
     metadata = (("authorization", f"Bearer {key}"),)
 
     async def main() -> tuple[float, list[tuple[int, float]]]:
         async with grpc.aio.insecure_channel(target) as channel:
-            call = channel.stream_unary(METHOD, None, feedback_pb2.FeedbackAck.FromString)
+            call = channel.stream_unary(METHODS[rpc], None, feedback_pb2.FeedbackAck.FromString)
 
-            async def one(messages: list[bytes]) -> tuple[int, float]:
+            async def one(messages: list[bytes], events: int) -> tuple[int, float]:
                 sent = time.perf_counter()
                 ack = await call(iter(messages), metadata=metadata, timeout=120)
-                if ack.accepted + ack.duplicates != len(messages):
+                if ack.accepted + ack.duplicates != events:
                     got = f"{ack.accepted} accepted + {ack.duplicates} duplicates"
-                    raise RuntimeError(f"an ack counted {got} of {len(messages)} events")
+                    raise RuntimeError(f"an ack counted {got} of {events} events")
                 return ack.accepted, (time.perf_counter() - sent) * 1e3
 
             async def client(c: int) -> list[tuple[int, float]]:
-                return [await one(wire[i]) for i in range(c, len(wire), clients)]
+                calls = range(c, len(wire), clients)
+                return [await one(wire[i], len(batches[i])) for i in calls]
 
             began = time.perf_counter()
             results = await asyncio.gather(*(client(c) for c in range(clients)))

@@ -21,6 +21,7 @@ SCOPE_OF = {
     "/kaizen.v1.ChatService/GenerateStream": "chat",
     "/kaizen.v1.FeedbackService/SubmitFeedback": "feedback",
     "/kaizen.v1.FeedbackService/StreamFeedback": "feedback",
+    "/kaizen.v1.FeedbackService/StreamFeedbackBatches": "feedback",
     "/kaizen.v1.FeedbackService/WithdrawFeedback": "feedback",
     "/kaizen.v1.ModelService/GetModelInfo": "",
     "/kaizen.v1.ModelService/ListVersions": "admin",

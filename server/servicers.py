@@ -9,7 +9,7 @@ import logging
 import queue
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -352,13 +352,31 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         return self._store(self._owned([(event, "")], context.principal), context.principal)
 
     def StreamFeedback(self, request_iterator, context):
+        numbered = ((f"feedback[{i}].", fb) for i, fb in enumerate(request_iterator))
+        return self._stream("feedback", numbered, context.principal)
+
+    def StreamFeedbackBatches(self, request_iterator, context):
+        numbered = (
+            (f"batch[{i}].events[{j}].", fb)
+            for i, batch in enumerate(request_iterator)
+            for j, fb in enumerate(batch.events)
+        )
+        return self._stream("batch", numbered, context.principal)
+
+    def _stream(
+        self,
+        field: str,
+        numbered: Iterable[tuple[str, feedback_pb2.Feedback]],
+        principal: Principal,
+    ) -> feedback_pb2.FeedbackAck:
+        """Store a streaming call's (where, event) pairs all or nothing; both RPCs share
+        one bound on the call's events and text, however the client split them."""
         events, text_bytes = [], 0
-        for i, fb in enumerate(request_iterator):
+        for i, (where, fb) in enumerate(numbered):
             if i >= MAX_STREAM_EVENTS:
                 raise InvalidArgument(
-                    "feedback", f"more than {MAX_STREAM_EVENTS} events in one stream; split it"
+                    field, f"more than {MAX_STREAM_EVENTS} events in one stream; split it"
                 )
-            where = f"feedback[{i}]."
             event = feedback_from_pb(fb, self.max_text_chars, where)
             text_bytes += len(event.text.encode())
             if text_bytes > self.max_stream_bytes:
@@ -371,7 +389,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
             events.append((event, where))
         if not events:
             return feedback_pb2.FeedbackAck()
-        return self._store(self._owned(events, context.principal), context.principal)
+        return self._store(self._owned(events, principal), principal)
 
     def WithdrawFeedback(self, request, context):
         check_id("response_id", request.response_id, required=True)

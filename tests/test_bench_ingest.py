@@ -1,5 +1,6 @@
-"""`kaizen bench ingest` end to end on the tiny model, on SQLite and on a real
-redis-server; and the batched insert it made SQLite use, against one event at a time."""
+"""`kaizen bench ingest` end to end on the tiny model: both RPCs on SQLite, the batched
+one alone on a real redis-server; and the batched insert it made SQLite use, against one
+event at a time."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from kaizen.errors import NotFound
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from tests.redis_server import redis_server_fixture  # noqa: F401
 
-KEYS = ("events_per_s", "backend_limit_events_per_s", "ratio", "p50_ack_ms", "p99_ack_ms")
+KEYS = ("events_per_s", "ratio", "p50_ack_ms", "p99_ack_ms", "server_cpu_us_per_event")
+PREFIXES = {"stream": ("",), "batches": ("batched_",), "both": ("", "batched_")}
 SMALL = ("--events", "300", "--clients", "2", "--batch", "50", "--answers", "40", "--users", "8")
 
 
@@ -26,18 +28,29 @@ def bench(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)  # the one JSON object, nothing else on stdout
 
 
-def check_figures(figures: dict, backend: str) -> None:
-    for key in KEYS:
-        assert figures[key] > 0, key
-    assert figures["p50_ack_ms"] <= figures["p99_ack_ms"]
+def check_figures(figures: dict, backend: str, rpc: str = "both") -> None:
+    """Each RPC's figures under its prefix (StreamFeedback's unprefixed), no others."""
+    assert figures["backend_limit_events_per_s"] > 0
+    for prefix in ("", "batched_"):
+        measured = prefix in PREFIXES[rpc]
+        for key in KEYS:
+            assert (figures[prefix + key] > 0) if measured else (prefix + key not in figures)
+        if measured:
+            assert figures[prefix + "p50_ack_ms"] <= figures[prefix + "p99_ack_ms"]
+            assert figures[prefix + "ratio"] == pytest.approx(
+                figures[prefix + "events_per_s"] / figures["backend_limit_events_per_s"],
+                abs=2e-3,
+            )
+    if rpc == "both":
+        assert figures["batched_vs_stream"] == pytest.approx(
+            figures["batched_events_per_s"] / figures["events_per_s"], abs=0.01
+        )
     assert (figures["backend"], figures["clients"], figures["events"]) == (backend, 2, 300)
-    assert figures["ratio"] == pytest.approx(
-        figures["events_per_s"] / figures["backend_limit_events_per_s"], abs=2e-3
-    )
     # every event sent over gRPC acknowledged, stored, and not stored again when resent
-    assert figures["events_accepted"] == figures["events_stored"] == 300
+    sent = 300 * len(PREFIXES[rpc])
+    assert figures["events_accepted"] == figures["events_stored"] == sent
     assert figures["events_lost"] == 0
-    assert figures["answers_seeded"] == 80
+    assert figures["answers_seeded"] == 40 * (1 + len(PREFIXES[rpc]))
     assert figures["server_exit_code"] == 0
 
 
@@ -51,14 +64,16 @@ def test_bench_ingest_on_sqlite_stores_each_event_exactly_once(tiny_model, capsy
         sql = "SELECT event_id FROM feedback WHERE event_id LIKE ?"
         return sorted(int(r[0].rsplit("-", 1)[1]) for r in db.execute(sql, (f"%-{phase}-%",)))
 
-    assert ids("rpc") == ids("raw") == list(range(300))
-    assert ids("warm") == list(range(100))  # one batch per client before the clock starts
-    assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 700
+    assert ids("rpc") == ids("bat") == ids("raw") == list(range(300))
+    # one call per client and RPC before the clock starts
+    assert ids("warm") == ids("bwarm") == list(range(100))
+    assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 1100
 
 
 def test_bench_ingest_on_redis(tiny_model, capsys, redis_server):
-    figures = bench(capsys, "--model", str(tiny_model), *SMALL, "--buffer", redis_server.url)
-    check_figures(figures, "redis")
+    argv = ("--model", str(tiny_model), *SMALL, "--buffer", redis_server.url, "--rpc", "batches")
+    figures = bench(capsys, *argv)
+    check_figures(figures, "redis", "batches")
     assert figures["durability"] == "Redis appendfsync always"
 
 

@@ -157,7 +157,19 @@ class Ack:
     superseded: int  # the user's earlier events of the same kind on the answer, now replaced
 
 
+@dataclass(frozen=True)
+class BatchAck:
+    """The events of one `feedback_batch` call, stored together (or, on an error, none)."""
+
+    event_ids: tuple[str, ...]  # in the order given; send them again and they are duplicates
+    accepted: int
+    duplicates: int
+    superseded: int
+
+
 Messages = str | Sequence[Mapping[str, str]]  # a prompt, or [{"role": …, "content": …}, …]
+SIGNALS = ("thumb", "rating", "comment", "correction", "dwell_ms", "click", "copy", "regenerate")
+BATCH_MESSAGE_BYTES = 1 << 20  # FeedbackBatch messages stay far below gRPC's 4 MiB cap
 
 
 def _request(
@@ -211,6 +223,34 @@ def _feedback(
     return fb
 
 
+def _event(i: int, event: Mapping[str, object]) -> feedback_pb2.Feedback:
+    """events[i] of `feedback_batch`: `feedback`'s arguments as a mapping."""
+    unknown = sorted(set(event) - {"response_id", "user_id", "event_id", *SIGNALS})
+    try:
+        if unknown:
+            raise ValueError(f"unknown {', '.join(unknown)}")
+        if not event.get("response_id"):
+            raise ValueError("response_id is required")
+        event_id = event.get("event_id") or str(uuid.uuid4())
+        signals = {name: event.get(name) for name in SIGNALS}
+        return _feedback(event["response_id"], event.get("user_id", ""), event_id, signals)
+    except ValueError as exc:
+        raise ValueError(f"events[{i}]: {exc}") from None
+
+
+def _messages(events: list[feedback_pb2.Feedback]) -> list[feedback_pb2.FeedbackBatch]:
+    """The events in order, in as few FeedbackBatch messages of BATCH_MESSAGE_BYTES as fit."""
+    batches, size = [feedback_pb2.FeedbackBatch()], 0
+    for fb in events:
+        n = fb.ByteSize() + 8  # the field's tag and length
+        if batches[-1].events and size + n > BATCH_MESSAGE_BYTES:
+            batches.append(feedback_pb2.FeedbackBatch())
+            size = 0
+        batches[-1].events.append(fb)
+        size += n
+    return batches
+
+
 def _answer(reply: chat_pb2.GenerateResponse | chat_pb2.GenerateChunk, text: str) -> Answer:
     return Answer(
         text=text,
@@ -230,11 +270,11 @@ class Client:
             kz.feedback(answer.response_id, "u1", thumb="up")
 
     A call that fails with UNAVAILABLE is tried again after an exponential backoff with
-    full jitter, within `retry.attempts` and `retry.deadline_s`: `chat`, `feedback` (its
-    event_id makes a retry a duplicate, not a second event), `withdraw` and `serving`
-    always, `stream` only before its first piece arrives (after that, a retry would send
-    the caller a second, different answer). Every other error is raised at once as the
-    `grpc.RpcError` the server sent: `.code()` and `.details()` unchanged.
+    full jitter, within `retry.attempts` and `retry.deadline_s`: `chat`, `feedback` and
+    `feedback_batch` (event ids make a retry a duplicate, not a second event), `withdraw`
+    and `serving` always, `stream` only before its first piece arrives (after that, a
+    retry would send the caller a second, different answer). Every other error is raised
+    at once as the `grpc.RpcError` the server sent: `.code()` and `.details()` unchanged.
     """
 
     def __init__(
@@ -370,6 +410,22 @@ class Client:
         request = _feedback(response_id, user_id, event_id, signals)
         ack = self._unary(self._feedback.SubmitFeedback, request, timeout_s)
         return Ack(event_id, ack.accepted, ack.duplicates, ack.superseded)
+
+    def feedback_batch(
+        self, events: Sequence[Mapping[str, object]], *, timeout_s: float | None = None
+    ) -> BatchAck:
+        """Store many events on one call, all or nothing (StreamFeedbackBatches: far less
+        server CPU per event than one call each). Each event is a mapping of `feedback`'s
+        arguments, {"response_id": rid, "user_id": "u1", "thumb": "up"}; at most 10,000
+        events. Retried like `feedback`: the event ids are fixed before the first try."""
+        request = _messages([_event(i, ev) for i, ev in enumerate(events)])
+        event_ids = tuple(fb.event_id for batch in request for fb in batch.events)
+
+        def call(batches: list[feedback_pb2.FeedbackBatch], timeout: float | None):
+            return self._feedback.StreamFeedbackBatches(iter(batches), timeout=timeout)
+
+        ack = self._unary(call, request, timeout_s)
+        return BatchAck(event_ids, ack.accepted, ack.duplicates, ack.superseded)
 
     def withdraw(
         self, response_id: str, user_id: str = "", kind: str = "", timeout_s: float | None = None

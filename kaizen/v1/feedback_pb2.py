@@ -25,23 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kaizen/v1/feedback.proto\x12\tkaizen.v1\x1a\x1bgoogle/protobuf/empty.proto\"\xbd\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12!\n\x05thumb\x18\x04 \x01(\x0e\x32\x10.kaizen.v1.ThumbH\x00\x12\x10\n\x06rating\x18\x05 \x01(\rH\x00\x12\'\n\x05\x63lick\x18\x06 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x12\n\x08\x64well_ms\x18\x07 \x01(\rH\x00\x12&\n\x04\x63opy\x18\x08 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12,\n\nregenerate\x18\t \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x11\n\x07\x63omment\x18\n \x01(\tH\x00\x12\x14\n\ncorrection\x18\x0b \x01(\tH\x00\x42\x08\n\x06signal\"G\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x12\n\nsuperseded\x18\x03 \x01(\r\"E\n\x0fWithdrawRequest\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\" \n\x0bWithdrawAck\x12\x11\n\twithdrawn\x18\x01 \x01(\r*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02\x32\xd9\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12=\n\x0eSubmitFeedback\x12\x13.kaizen.v1.Feedback\x1a\x16.kaizen.v1.FeedbackAck\x12?\n\x0eStreamFeedback\x12\x13.kaizen.v1.Feedback\x1a\x16.kaizen.v1.FeedbackAck(\x01\x12\x46\n\x10WithdrawFeedback\x12\x1a.kaizen.v1.WithdrawRequest\x1a\x16.kaizen.v1.WithdrawAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kaizen/v1/feedback.proto\x12\tkaizen.v1\x1a\x1bgoogle/protobuf/empty.proto\"\xbd\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12!\n\x05thumb\x18\x04 \x01(\x0e\x32\x10.kaizen.v1.ThumbH\x00\x12\x10\n\x06rating\x18\x05 \x01(\rH\x00\x12\'\n\x05\x63lick\x18\x06 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x12\n\x08\x64well_ms\x18\x07 \x01(\rH\x00\x12&\n\x04\x63opy\x18\x08 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12,\n\nregenerate\x18\t \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x11\n\x07\x63omment\x18\n \x01(\tH\x00\x12\x14\n\ncorrection\x18\x0b \x01(\tH\x00\x42\x08\n\x06signal\"4\n\rFeedbackBatch\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.kaizen.v1.Feedback\"G\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x12\n\nsuperseded\x18\x03 \x01(\r\"E\n\x0fWithdrawRequest\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\" \n\x0bWithdrawAck\x12\x11\n\twithdrawn\x18\x01 \x01(\r*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02\x32\xa6\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12=\n\x0eSubmitFeedback\x12\x13.kaizen.v1.Feedback\x1a\x16.kaizen.v1.FeedbackAck\x12?\n\x0eStreamFeedback\x12\x13.kaizen.v1.Feedback\x1a\x16.kaizen.v1.FeedbackAck(\x01\x12K\n\x15StreamFeedbackBatches\x12\x18.kaizen.v1.FeedbackBatch\x1a\x16.kaizen.v1.FeedbackAck(\x01\x12\x46\n\x10WithdrawFeedback\x12\x1a.kaizen.v1.WithdrawRequest\x1a\x16.kaizen.v1.WithdrawAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kaizen.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_THUMB']._serialized_start=566
-  _globals['_THUMB']._serialized_end=626
+  _globals['_THUMB']._serialized_start=620
+  _globals['_THUMB']._serialized_end=680
   _globals['_FEEDBACK']._serialized_start=69
   _globals['_FEEDBACK']._serialized_end=386
-  _globals['_FEEDBACKACK']._serialized_start=388
-  _globals['_FEEDBACKACK']._serialized_end=459
-  _globals['_WITHDRAWREQUEST']._serialized_start=461
-  _globals['_WITHDRAWREQUEST']._serialized_end=530
-  _globals['_WITHDRAWACK']._serialized_start=532
-  _globals['_WITHDRAWACK']._serialized_end=564
-  _globals['_FEEDBACKSERVICE']._serialized_start=629
-  _globals['_FEEDBACKSERVICE']._serialized_end=846
+  _globals['_FEEDBACKBATCH']._serialized_start=388
+  _globals['_FEEDBACKBATCH']._serialized_end=440
+  _globals['_FEEDBACKACK']._serialized_start=442
+  _globals['_FEEDBACKACK']._serialized_end=513
+  _globals['_WITHDRAWREQUEST']._serialized_start=515
+  _globals['_WITHDRAWREQUEST']._serialized_end=584
+  _globals['_WITHDRAWACK']._serialized_start=586
+  _globals['_WITHDRAWACK']._serialized_end=618
+  _globals['_FEEDBACKSERVICE']._serialized_start=683
+  _globals['_FEEDBACKSERVICE']._serialized_end=977
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,9 @@
 from google.protobuf import empty_pb2 as _empty_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -41,6 +42,12 @@ class Feedback(_message.Message):
     comment: str
     correction: str
     def __init__(self, event_id: _Optional[str] = ..., response_id: _Optional[str] = ..., user_id: _Optional[str] = ..., thumb: _Optional[_Union[Thumb, str]] = ..., rating: _Optional[int] = ..., click: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ..., dwell_ms: _Optional[int] = ..., copy: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ..., regenerate: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ..., comment: _Optional[str] = ..., correction: _Optional[str] = ...) -> None: ...
+
+class FeedbackBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Feedback]
+    def __init__(self, events: _Optional[_Iterable[_Union[Feedback, _Mapping]]] = ...) -> None: ...
 
 class FeedbackAck(_message.Message):
     __slots__ = ("accepted", "duplicates", "superseded")

@@ -44,6 +44,11 @@ class FeedbackServiceStub:
                 request_serializer=kaizen_dot_v1_dot_feedback__pb2.Feedback.SerializeToString,
                 response_deserializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
                 _registered_method=True)
+        self.StreamFeedbackBatches = channel.stream_unary(
+                '/kaizen.v1.FeedbackService/StreamFeedbackBatches',
+                request_serializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackBatch.SerializeToString,
+                response_deserializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
+                _registered_method=True)
         self.WithdrawFeedback = channel.unary_unary(
                 '/kaizen.v1.FeedbackService/WithdrawFeedback',
                 request_serializer=kaizen_dot_v1_dot_feedback__pb2.WithdrawRequest.SerializeToString,
@@ -62,6 +67,19 @@ class FeedbackServiceServicer:
 
     def StreamFeedback(self, request_iterator, context):
         """Many events on one call; acknowledged together once all are durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamFeedbackBatches(self, request_iterator, context):
+        """StreamFeedback with many events per message: for a frontend that batches what its
+        users send (one message makes it a unary call). It costs the server far less per
+        event than one message per event. Everything else is StreamFeedback's: the same
+        validation, limits and idempotency, all or nothing, acknowledged together once all
+        are durable; at most 10,000 events and --max-feedback-stream-bytes of comment and
+        correction text, counted over the events of all the call's batches (and each
+        message within gRPC's 4 MiB). Errors name an event as `batch[i].events[j]`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +104,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
             'StreamFeedback': grpc.stream_unary_rpc_method_handler(
                     servicer.StreamFeedback,
                     request_deserializer=kaizen_dot_v1_dot_feedback__pb2.Feedback.FromString,
+                    response_serializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.SerializeToString,
+            ),
+            'StreamFeedbackBatches': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamFeedbackBatches,
+                    request_deserializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackBatch.FromString,
                     response_serializer=kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.SerializeToString,
             ),
             'WithdrawFeedback': grpc.unary_unary_rpc_method_handler(
@@ -147,6 +170,33 @@ class FeedbackService:
             target,
             '/kaizen.v1.FeedbackService/StreamFeedback',
             kaizen_dot_v1_dot_feedback__pb2.Feedback.SerializeToString,
+            kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamFeedbackBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kaizen.v1.FeedbackService/StreamFeedbackBatches',
+            kaizen_dot_v1_dot_feedback__pb2.FeedbackBatch.SerializeToString,
             kaizen_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
             options,
             channel_credentials,

@@ -59,6 +59,9 @@ def every_rpc(channel: grpc.Channel, response_id: str) -> dict[str, object]:
         "GenerateStream": lambda: list(chat.GenerateStream(ask())),
         "SubmitFeedback": lambda: fb.SubmitFeedback(thumb),
         "StreamFeedback": lambda: fb.StreamFeedback(iter([thumb])),
+        "StreamFeedbackBatches": lambda: fb.StreamFeedbackBatches(
+            iter([feedback_pb2.FeedbackBatch(events=[thumb])])
+        ),
         "WithdrawFeedback": lambda: fb.WithdrawFeedback(
             feedback_pb2.WithdrawRequest(response_id=response_id, kind="copy")
         ),
@@ -166,6 +169,7 @@ def test_a_missing_scope_is_permission_denied_and_writes_nothing(secured, serve_
     assert denied == {
         "SubmitFeedback",
         "StreamFeedback",
+        "StreamFeedbackBatches",
         "WithdrawFeedback",
         "ListVersions",
         "Promote",
@@ -180,8 +184,8 @@ def test_a_missing_scope_is_permission_denied_and_writes_nothing(secured, serve_
     assert codes["Generate"] == codes["GenerateStream"] == grpc.StatusCode.PERMISSION_DENIED
     assert codes["Promote"] == codes["ForgetUser"] == grpc.StatusCode.PERMISSION_DENIED
     assert codes["SubmitFeedback"] == codes["StreamFeedback"] == grpc.StatusCode.OK
-    assert codes["WithdrawFeedback"] == grpc.StatusCode.OK
-    # no answer; one thumb (SubmitFeedback and StreamFeedback sent the same event id)
+    assert codes["StreamFeedbackBatches"] == codes["WithdrawFeedback"] == grpc.StatusCode.OK
+    # no answer; one thumb (the three feedback calls sent the same event id)
     assert rows(serve_config.buffer) == (before[0], before[1] + 1)
 
 
