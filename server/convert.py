@@ -87,7 +87,9 @@ def check_context(prompt_tokens: int, sampling: Sampling, limits: Limits) -> Non
         )
 
 
-def feedback_from_pb(fb: feedback_pb2.Feedback, max_text_chars: int, where: str = "") -> Feedback:
+def feedback_from_pb(
+    fb: feedback_pb2.Feedback, max_text_chars: int, where: str = "", source: str = ""
+) -> Feedback:
     """Check one Feedback message; `where` prefixes field names (`feedback[3].`) in a stream."""
     check_id(f"{where}event_id", fb.event_id, required=True)
     check_id(f"{where}response_id", fb.response_id, required=True)
@@ -127,4 +129,5 @@ def feedback_from_pb(fb: feedback_pb2.Feedback, max_text_chars: int, where: str 
         kind=kind,
         value=value,
         text=text,
+        source=source,
     )

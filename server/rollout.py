@@ -60,6 +60,7 @@ LEASE = "rollout"  # the buffer lease whose holder decides canaries
 FOLLOW_EVERY_S = 2.0  # the registry's rollout records are re-read at least this often
 TAIL_BATCH = 2000  # feedback events the authority reads from the buffer at once…
 TAIL_MAX = 20_000  # …and in one tick at most
+EVIDENCE_EVERY_S = 10.0  # the authority rewrites canary.json with its evidence this often
 GUARD_TRIES = 5  # a canary whose guard evals fail to run this many times is rolled back
 GUARD_TIMEOUT_S = 600.0  # a guard-eval run not finished by then has failed to run
 GUARD_IN_FLIGHT = 4  # guard-eval requests in the engine at once
@@ -103,6 +104,7 @@ class Rollout:
         self._renewed = 0.0  # monotonic time of the last take or renewal
         self._tail = 0  # the buffer seq the running experiment has read feedback up to
         self._canary_record: dict[str, object] = {}  # what rollout/canary.json says of it
+        self._evidence_at = 0.0  # when the authority last wrote its evidence there
         # following the registry: what it asked for when last read, and when
         self._share = policy.share  # the live canary's share (what this replica routes)
         self._stamp: int | None = None
@@ -194,8 +196,10 @@ class Rollout:
             "ramped_at": e.ramped_at,
             "after_seq": self._canary_record.get("after_seq", self._tail),
             "by": self.holder,
+            "evidence": e.evidence(),  # what every replica's ListVersions shows
         }
         self.registry.record_canary(self._canary_record)
+        self._evidence_at = time.monotonic()
 
     def _take_over(self, live: dict[str, object]) -> None:
         """Go on deciding the canary another authority started: its evidence from the
@@ -324,8 +328,9 @@ class Rollout:
                 e.settle("rollback", self.engine.failed[e.canary])
             share = e.share
             decision = e.decide(now)
-            if e.share != share:
+            if e.share != share or time.monotonic() - self._evidence_at >= EVIDENCE_EVERY_S:
                 self._record_canary(e)
+            if e.share != share:
                 log.info(
                     "canary %s: ramped from %.0f %% to %.0f %% of users (%s)",
                     e.canary,

@@ -5,6 +5,7 @@ from the pooled evidence in the buffer without a second decision."""
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import sqlite3
@@ -141,6 +142,10 @@ def test_three_replicas_one_authority_one_decision_and_a_takeover_after_kill_9(
         thumbs(replicas, first, up=lambda a: True, rng=rng)
         wait_until(lambda: leader_counted(leader, len(first)), what="the pooled evidence")
         assert registry.rollout(v1) is None
+        follower = next(r for r in replicas if r is not leader)  # shows the authority's figures
+        wait_until(
+            lambda: canary_events(follower, v1) >= len(first), what="the evidence on a follower"
+        )
 
         leader.proc.send_signal(signal.SIGKILL)  # the authority dies mid-canary
         leader.proc.wait(timeout=10)
@@ -195,6 +200,14 @@ def test_three_replicas_one_authority_one_decision_and_a_takeover_after_kill_9(
     finally:
         for r in replicas:
             r.stop()
+
+
+def canary_events(replica: Replica, version: str) -> int:
+    """Rewarded events in the canary's evidence as `replica`'s ListVersions shows it."""
+    listed = replica.model.ListVersions(model_pb2.ListVersionsRequest()).versions
+    info = next(v for v in listed if v.version == version)
+    evidence = json.loads(info.evidence_json or "{}").get("canary", {})
+    return sum(arm["events"] for arm in evidence.get("arms", {}).values())
 
 
 def leader_counted(leader: Replica, events: int) -> bool:
