@@ -1,9 +1,11 @@
 """The decode loop: iteration-level (continuous) batching over LoRA versions of one base.
 
 One thread owns the model. Each iteration it admits waiting requests into the running
-batch (prefilled together, their KV cache merged into the batch's), decodes one token for
-every row, streams each row's token to its caller, and evicts rows that finished or were
-cancelled — so a freed slot is refilled at the next step, not when the whole batch ends.
+batch (prefilled together, each into its own slot of the preallocated KV cache, see
+server/kvcache.py), decodes one token for every row, streams each row's token to its
+caller, and evicts rows that finished or were cancelled — so a freed slot is refilled at
+the next step, not when the whole batch ends. Joining and leaving move no cached keys or
+values: a row is a slot index.
 
 Every row is pinned at admission to one version (the serving one, or another version the
 request names, such as a canary) and decoded with that version's adapter for its whole
@@ -23,13 +25,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from kaizen.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from kaizen.events import Sampling
 from kaizen.registry import BASE_VERSION, version_number
 from kaizen.sampling import processed_logprobs
 from server import metrics
+from server.kvcache import SlotCache
 
 log = logging.getLogger(__name__)
 LATE_DECISION_S = 60.0  # a decision the loop has taken is applied within this, or it is dead
@@ -200,62 +202,34 @@ class _Row:
     generator: torch.Generator
     produced: int = 0
     last: int = 0  # the token sampled last, fed at the next step
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    kv_slot: int = -1  # its slot in the KV cache, from prefill on
 
 
 class _Batch:
-    """The running batch: rows, their shared KV cache, attention mask and positions.
+    """The running batch: the row in each occupied slot of the KV cache."""
 
-    Every row is left-padded: its real tokens are the rightmost `mask.sum()` columns.
-    """
+    def __init__(self, cache: SlotCache) -> None:
+        self.cache = cache
+        self.seats: list[_Row | None] = [None] * cache.max_batch  # by KV slot
 
-    def __init__(self) -> None:
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (B, W) 1 = real token
-        self.positions: torch.Tensor | None = None  # (B, 1) position of the next token
+    @property
+    def rows(self) -> list[_Row]:
+        return [row for row in self.seats if row is not None]
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.cache.max_batch - self.cache.free_slots
 
-    def extend(self, rows: list[_Row], cache: DynamicCache, mask, positions) -> None:
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat(
-                [_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)]
-            )
-            mine.values = torch.cat(
-                [_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)]
-            )
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
-        self.positions = torch.cat([self.positions, positions])
-        self.rows = self.rows + rows
+    def seat(self, row: _Row) -> None:
+        row.kv_slot = self.cache.take()
+        self.seats[row.kv_slot] = row
 
-    def keep(self, keep: list[int]) -> None:
-        if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.mask = self.positions = None
-            return
-        index = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask[index]
-        start = int(mask.any(0).to(torch.int8).argmax())  # columns left of it are all padding
-        self.mask, self.positions = mask[:, start:], self.positions[index]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+    def leave(self, row: _Row) -> None:
+        self.seats[row.kv_slot] = None
+        self.cache.release(row.kv_slot)
+
+    def clear(self) -> None:
+        self.seats = [None] * self.cache.max_batch
+        self.cache.reset()
 
 
 def _config_key(config) -> tuple:
@@ -283,7 +257,10 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 256,
         max_queue_wait_s: float = 30.0,
+        max_len: int | None = None,
     ) -> None:
+        """`max_len`: tokens one request may hold in the KV cache (prompt and answer), by
+        default the model's context; the server refuses longer requests at the door."""
         self.base = model
         self.peft = None  # a PeftModel wrapping `base`, from the first installed adapter on
         self.stop_ids = stop_ids
@@ -304,11 +281,41 @@ class Engine:
         self._next_slot = 0
         self._active_slot: str | None = None  # peft's active adapter, for one-slot steps
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
-        self._batch = _Batch()
+        self._batch = _Batch(self._make_cache(model, max_batch, max_len))
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self.beat = time.monotonic()  # the decode loop's last sign of life (each iteration)
         metrics.SERVING_VERSION.set(0)
+
+    @staticmethod
+    def _make_cache(model, max_batch: int, max_len: int | None) -> SlotCache:
+        config = model.config
+        if config._attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"the slot KV cache feeds a 4-D mask to sdpa or eager attention; the model "
+                f"uses {config._attn_implementation!r}"
+            )
+        weight = model.get_input_embeddings().weight
+        max_len = max_len or config.get_text_config().max_position_embeddings
+        cache = SlotCache(config, max_batch, max_len, weight.dtype, weight.device)
+        log.info(
+            "KV cache: %d slots of %d tokens, %.2f GiB (%s, %s)",
+            max_batch,
+            max_len,
+            cache.nbytes / 2**30,
+            weight.dtype,
+            weight.device,
+        )
+        return cache
+
+    def _mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The boolean mask as the model's attention takes it (eager adds a float one)."""
+        if self.base.config._attn_implementation == "sdpa":
+            return mask
+        dtype = self.base.get_input_embeddings().weight.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
 
     # -- called from RPC threads -------------------------------------------------------
 
@@ -430,7 +437,7 @@ class Engine:
         gone = Failed(Unavailable("server shut down"))
         for row in self._batch.rows:  # nobody will decode these any more: tell their callers
             row.request.events.put(gone)
-        self._batch = _Batch()
+        self._batch.clear()
         with self._staged_lock:  # nobody will apply these any more: release their callers
             for *_, done, _result in self._decisions:
                 done.set()
@@ -458,7 +465,7 @@ class Engine:
                 log.exception("a decode step over %d rows failed", len(self._batch))
                 for row in self._batch.rows:
                     row.request.events.put(Failed(exc))
-                self._batch = _Batch()
+                self._batch.clear()
 
     def _iterate(self) -> None:
         batch = self._batch
@@ -466,18 +473,27 @@ class Engine:
             self._waiting.take(self.max_batch - len(batch), wait_s=0 if len(batch) else 0.05)
         )
         metrics.QUEUE_DEPTH.set(len(self._waiting))
-        if not batch.rows and not newcomers:
+        if not len(batch) and not newcomers:
             metrics.RUNNING.set(0)
             self._retire_slots()
             return
         started = time.perf_counter()
         metrics.RUNNING.set(len(batch) + len(newcomers))
-        logits = []
-        if batch.rows:
-            logits.append(self._decode_step(batch))
-        if newcomers:
-            logits.append(self._prefill(newcomers, batch))
-        self._sample_and_emit(torch.cat(logits))
+        rows, logits = [], []
+        try:
+            if len(batch):
+                running, step_logits = self._decode_step(batch)
+                rows += running
+                logits.append(step_logits)
+            if newcomers:  # after the decode step: their slots were holes in it
+                logits.append(self._prefill(newcomers, batch))
+                rows += newcomers
+        except Exception as exc:  # the loop fails the seated rows; these are not seated yet
+            for row in newcomers:
+                if row.kv_slot < 0:
+                    row.request.events.put(Failed(exc))
+            raise
+        self._sample_and_emit(rows, torch.cat(logits))
         metrics.DECODE_STEP.observe(time.perf_counter() - started)
 
     def _admit(self, requests: list[Request]) -> list[_Row]:
@@ -501,9 +517,20 @@ class Engine:
             if slot is None:  # a pinned version retired while the request waited
                 r.events.put(Failed(Unavailable(f"version {version} is no longer served")))
                 continue
+            need = len(r.prompt_ids) + r.sampling.max_new_tokens
+            if need > self._batch.cache.max_len:
+                r.events.put(Failed(self._too_long(need)))
+                continue
             generator = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
             rows.append(_Row(r, version, slot, generator))
         return rows
+
+    def _too_long(self, need: int) -> InvalidArgument:
+        return InvalidArgument(
+            "max_new_tokens",
+            f"the prompt and max_new_tokens need {need} tokens; a request may hold "
+            f"{self._batch.cache.max_len} in the KV cache",
+        )
 
     def queue_deadline_error(self) -> DeadlineExceeded:
         return DeadlineExceeded(
@@ -534,46 +561,43 @@ class Engine:
         return self.peft(**inputs, use_cache=True, adapter_names=[r.slot for r in rows])
 
     @torch.inference_mode()
-    def _decode_step(self, batch: _Batch) -> torch.Tensor:
-        ones = torch.ones((len(batch), 1), dtype=batch.mask.dtype, device=self.device)
-        batch.mask = torch.cat([batch.mask, ones], dim=-1)
-        next_ids = torch.tensor([[row.last] for row in batch.rows], device=self.device)
+    def _decode_step(self, batch: _Batch) -> tuple[list[_Row], torch.Tensor]:
+        """One token for every running row, in slot order; returns the rows and logits."""
+        rows = batch.rows
+        mask, positions = batch.cache.plan_decode([row.kv_slot for row in rows])
+        next_ids = torch.tensor([[row.last] for row in rows], device=self.device)
         out = self._forward(
-            batch.rows,
+            rows,
             input_ids=next_ids,
-            attention_mask=batch.mask,
-            position_ids=batch.positions,
+            attention_mask=self._mask(mask),
+            position_ids=positions,
             cache=batch.cache,
         )
-        batch.positions = batch.positions + 1
-        return out.logits[:, -1, :]
+        return rows, out.logits[:, -1, :]
 
     @torch.inference_mode()
     def _prefill(self, rows: list[_Row], batch: _Batch) -> torch.Tensor:
+        """The newcomers' prompts in one left-padded forward, each written into its slot."""
         width = max(len(row.request.prompt_ids) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):  # left padding: every row's last prompt token aligns
             n = len(row.request.prompt_ids)
             ids[i, width - n :] = torch.tensor(row.request.prompt_ids)
-            mask[i, width - n :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+            batch.seat(row)
+        mask, positions = batch.cache.plan_prefill(
+            [row.kv_slot for row in rows], [len(row.request.prompt_ids) for row in rows], width
+        )
         out = self._forward(
             rows,
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(self.device),
+            attention_mask=self._mask(mask),
             position_ids=positions,
-            cache=cache,
+            cache=batch.cache,
             logits_to_keep=1,
         )
-        batch.extend(rows, cache, mask, positions[:, -1:] + 1)
         return out.logits[:, -1, :]
 
-    def _sample_and_emit(self, logits: torch.Tensor) -> None:
-        batch = self._batch
-        rows = batch.rows
+    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         tokens, logprobs = sample_rows(
             logits, [r.request.sampling for r in rows], [r.generator for r in rows]
         )
@@ -583,7 +607,6 @@ class Engine:
             metrics.MIXED_STEPS.inc()
         for version, n in versions.items():
             metrics.GENERATED_TOKENS.labels(version).inc(n)
-        keep = []
         for i, row in enumerate(rows):
             r = row.request
             r.events.put(Token(tokens[i], logprobs[i]))
@@ -596,11 +619,9 @@ class Engine:
                 reason = "length"
             elif r.cancelled.is_set():
                 reason = "cancelled"
-            if reason is None:
-                keep.append(i)
-            else:
+            if reason is not None:
+                self._batch.leave(row)
                 r.events.put(Finished(row.version, reason))
-        batch.keep(keep)
 
     # -- installing versions (decode thread, between two steps) -------------------------
 

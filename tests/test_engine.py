@@ -13,12 +13,13 @@ from prometheus_client import REGISTRY
 
 from kaizen import modeling
 from kaizen.client import connect
-from kaizen.errors import ResourceExhausted
+from kaizen.errors import InvalidArgument, ResourceExhausted
 from kaizen.events import Sampling
+from kaizen.registry import BASE_VERSION
 from kaizen.v1 import chat_pb2_grpc
 from server.engine import Engine, Failed, Finished, Request, Token, WaitQueue
 from server.weights import read_adapter
-from tests.conftest import ask, publish_random_adapter, wait_until
+from tests.conftest import ask, policy_logprobs, publish_random_adapter, wait_until
 from tests.test_swap import model_for, teacher_forced_logprobs
 
 CPU = torch.device("cpu")
@@ -105,8 +106,9 @@ def test_finished_rows_leave_the_batch_and_the_cache_shrinks(make_engine):
     jobs = [engine.submit(job(6 + 30 * i, seed=i + 1, prompt=p)) for i, p in enumerate(prompts)]
     for j in jobs:
         drain(j)
-    # all left: nothing is held between requests
-    assert engine._batch.rows == [] and engine._batch.cache is None
+    # all left: every KV slot is free again, nothing is held between requests
+    cache = engine._batch.cache
+    assert engine._batch.rows == [] and cache.free_slots == 8 and set(cache.lengths) == {0}
 
 
 def test_rows_of_two_versions_share_a_batch_and_each_keeps_its_own(
@@ -219,3 +221,167 @@ def test_cancelled_requests_do_not_take_a_place_in_the_queue():
     third = job(4, seed=4)
     waiting.put(third)  # the cancelled one made room
     assert waiting.take(5, wait_s=0) == [second, third]
+
+
+# -- the slot KV cache: answers do not depend on who else is in the batch ----------------
+#
+# The tiny random model's greedy answer repeats one token whatever the context, so greedy
+# equality alone would miss a row reading another's keys; sampled rows' logged
+# log-probabilities, recomputed by a plain forward over prompt + answer, would not.
+
+
+def greedy(tokens: int, prompt: list[int], **kwargs) -> Request:
+    sampling = Sampling(max_new_tokens=tokens, temperature=0.0, seed=1, ignore_eos=True)
+    return Request(prompt_ids=prompt, sampling=sampling, **kwargs)
+
+
+def generate_alone(model, prompt: list[int], tokens: int) -> list[int]:
+    """HF `generate`, greedy, batch 1: the reference a greedy batched answer must equal."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            pad_token_id=2,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def assert_exact(model, request: Request, tokens: list[Token]) -> None:
+    """A greedy answer is `generate`'s alone; a sampled one (temperature 1, top_p 1) has
+    the log-probabilities a forward over prompt + answer gives, to float noise."""
+    ids = [t.token_id for t in tokens]
+    if request.sampling.temperature == 0:
+        assert ids == generate_alone(model, request.prompt_ids, len(ids))
+    else:
+        want = policy_logprobs(model, request.prompt_ids, ids)
+        assert [t.logprob for t in tokens] == pytest.approx(want, abs=1e-4)
+
+
+PROMPTS = [[1] + [300 + 7 * i + j for j in range(2 + 9 * i)] + [2] for i in range(7)]
+LENGTHS = [5, 31, 12, 40, 3, 25, 18]  # rows leave at different steps
+
+
+def mixed(i: int, prompt: list[int], tokens: int, **kwargs) -> Request:
+    """Every other request greedy, the rest sampled at temperature 1."""
+    if i % 2 == 0:
+        return greedy(tokens, prompt, **kwargs)
+    return job(tokens, seed=100 + i, prompt=prompt, **kwargs)
+
+
+def test_answers_are_exact_while_rows_of_different_lengths_join_and_leave(make_engine, tiny_model):
+    engine = make_engine(max_batch=3)  # 7 requests: later ones take freed slots mid-batch
+    jobs = [
+        engine.submit(mixed(i, p, n)) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS, strict=True))
+    ]
+    results = [drain(j) for j in jobs]
+    reference = modeling.load_model(tiny_model, CPU, torch.float32)
+    for j, n, (tokens, finished) in zip(jobs, LENGTHS, results, strict=True):
+        assert len(tokens) == n and finished.finish_reason == "length"
+        assert_exact(reference, j, tokens)
+    assert engine._batch.cache.free_slots == 3
+
+
+def test_rows_with_and_without_an_adapter_share_the_batch_and_are_exact(
+    make_engine, tiny_model, registry
+):
+    engine = make_engine(max_batch=4)
+    name = modeling.model_info(tiny_model).name
+    canary = publish_random_adapter(registry, tiny_model, seed=3)
+    engine.stage(read_adapter(registry, canary, name), role="canary")  # serving stays v0
+    wait_until(lambda: engine.canary is not None)
+    mixed_before = REGISTRY.get_sample_value("kaizen_mixed_version_steps_total") or 0.0
+    jobs = [
+        mixed(i, p, n, version=canary if i % 3 != 1 else None)
+        for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS, strict=True))
+    ]
+    for j in jobs[:2]:
+        engine.submit(j)
+    jobs[0].events.put(jobs[0].events.get(timeout=60))  # the batch is decoding
+    for j in jobs[2:]:
+        engine.submit(j)
+    results = [drain(j) for j in jobs]
+    assert REGISTRY.get_sample_value("kaizen_mixed_version_steps_total") > mixed_before
+    models = {v: model_for(v, tiny_model, registry) for v in (BASE_VERSION, canary)}
+    for j, (tokens, finished) in zip(jobs, results, strict=True):
+        assert finished.version == (j.version or BASE_VERSION)
+        assert_exact(models[finished.version], j, tokens)
+    # the adapter changes the answers: the check would see a row decoded with the wrong one
+    sampled = jobs[3]  # on the canary
+    answer = [t.token_id for t in results[3][0]]
+    other = policy_logprobs(models[BASE_VERSION], sampled.prompt_ids, answer)
+    assert [t.logprob for t in results[3][0]] != pytest.approx(other, abs=1e-4)
+
+
+def test_a_slot_freed_by_a_cancelled_request_gives_the_next_one_an_exact_answer(
+    make_engine, tiny_model
+):
+    engine = make_engine(max_batch=2)
+    neighbour = engine.submit(job(200, seed=1, prompt=[1] + list(range(600, 700)) + [2]))
+    gone = engine.submit(job(200, seed=2, prompt=[1] + list(range(400, 460)) + [2]))
+    for _ in range(20):  # its slot now holds 80 tokens of keys and values
+        gone.events.get(timeout=60)
+    gone.cancel()
+    _, finished = drain(gone)
+    assert finished.finish_reason == "cancelled"
+    # the freed slot is the only one: the next request takes it, with stale keys and
+    # values beyond its own length, inside the window its longer neighbour makes it read
+    short = engine.submit(job(30, seed=3, prompt=PROMPTS[1]))
+    tokens, _ = drain(short)
+    assert engine._batch.seats[1] is None  # it sat in the cancelled request's slot...
+    neighbour.cancel()
+    drain(neighbour)
+    reference = modeling.load_model(tiny_model, CPU, torch.float32)
+    assert_exact(reference, short, tokens)  # ...and read none of its leftovers
+    again = engine.submit(greedy(30, PROMPTS[1]))
+    assert_exact(reference, again, drain(again)[0])
+
+
+def test_a_seed_gives_the_same_answer_alone_and_in_a_changing_batch(make_engine):
+    engine = make_engine(max_batch=4)
+    alone_tokens, _ = drain(engine.submit(job(40, seed=77, prompt=PROMPTS[2])))
+    others = [
+        engine.submit(job(n, seed=i, prompt=p))
+        for i, (p, n) in enumerate(zip(PROMPTS[3:6], (7, 50, 19), strict=True))
+    ]
+    others[0].events.put(others[0].events.get(timeout=60))  # the others are decoding
+    again = engine.submit(job(40, seed=77, prompt=PROMPTS[2]))
+    late = engine.submit(job(9, seed=5, prompt=PROMPTS[6]))  # joins while `again` runs
+    tokens, _ = drain(again)
+    for r in [*others, late]:
+        drain(r)
+    assert [t.token_id for t in tokens] == [t.token_id for t in alone_tokens]
+    assert [t.logprob for t in tokens] == pytest.approx([t.logprob for t in alone_tokens], abs=1e-4)
+
+
+def test_eager_attention_takes_the_same_slot_cache(tiny_model):
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    model = modeling.load_model(tiny_model, CPU, torch.float32)
+    model.set_attn_implementation("eager")  # the engine hands it a float mask
+    engine = Engine(model, modeling.stop_token_ids(tokenizer), tokenizer.pad_token_id, CPU)
+    engine.start()
+    try:
+        jobs = [
+            engine.submit(mixed(i, p, n))
+            for i, (p, n) in enumerate(zip(PROMPTS[:4], LENGTHS[:4], strict=True))
+        ]
+        results = [drain(j)[0] for j in jobs]
+    finally:
+        engine.stop()
+    reference = modeling.load_model(tiny_model, CPU, torch.float32)
+    for j, tokens in zip(jobs, results, strict=True):
+        assert_exact(reference, j, tokens)
+
+
+def test_a_request_longer_than_a_kv_slot_fails_and_the_others_are_served(make_engine):
+    engine = make_engine(max_batch=2, max_len=64)
+    fits = 64 - len(PROMPTS[1])  # prompt and answer exactly fill a slot
+    too_long = engine.submit(greedy(fits + 1, PROMPTS[1]))
+    event = too_long.events.get(timeout=60)
+    assert isinstance(event, Failed) and isinstance(event.error, InvalidArgument)
+    assert "max_new_tokens" in str(event.error) and "64" in str(event.error)
+    tokens, finished = drain(engine.submit(greedy(fits, PROMPTS[1])))
+    assert len(tokens) == fits and finished.finish_reason == "length"

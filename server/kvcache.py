@@ -1,0 +1,180 @@
+"""A KV cache that does not move: one preallocated slot per running request.
+
+Per layer one key and one value tensor of shape (max_batch, kv_heads, max_len, head_dim),
+as gpt-fast keeps them. A request takes a free slot index at admission; its prefill writes
+the prompt's keys and values at positions 0..n-1 of that slot, each decode step writes one
+more at the slot's length, and leaving frees the index. Nothing cached is ever moved,
+re-padded or re-sliced (a step over non-contiguous slots reads a gathered copy; the
+slots stay put), and the attention mask is rebuilt each step from the slots' lengths
+instead of grown.
+
+Why a `Cache` subclass and not transformers' `StaticCache`: a static layer writes every
+row of a forward at one shared `cache_position`, while kaizen's rows joined at different
+steps and sit at different positions. Llama's attention only calls
+`cache.update(keys, values, layer_idx)` and takes back the keys and values to attend
+over, so a cache that knows each row's slot and position (`plan_prefill`,
+`plan_decode`, set before each forward) needs no fork of the model. No custom attention
+function is needed either: the 4-D mask built here is handed to the model's own
+attention unchanged (`create_causal_mask` passes a 4-D mask through), and transformers'
+SDPA path already attends a single query per row on the KV heads without repeating them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+CLEAN_STEP = 256  # never-written cache columns are zeroed this many at a time, on first use
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values for every slot; `SlotCache.update` writes and reads it."""
+
+    is_sliding = False
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype, device) -> None:
+        super().__init__()
+        # empty, not zeros: on CPU the pages are only touched (and counted) once written
+        self.keys = torch.empty(shape, dtype=dtype, device=device)  # (S, H, L, D)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.device = torch.device(device)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # allocated up front: the slots outlive any one forward
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("SlotCache.update writes the slots")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+    def get_seq_length(self) -> int:
+        return 0  # rows differ; the engine always passes position_ids and a 4-D mask
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class SlotCache(Cache):
+    """`max_batch` slots of `max_len` tokens; rows join and leave by slot index."""
+
+    def __init__(
+        self, config, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        config = config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shape = (max_batch, kv_heads, max_len, head_dim)
+        layers = [SlotLayer(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.device = torch.device(device)
+        self.lengths = [0] * max_batch  # tokens cached in each slot
+        self._free = set(range(max_batch))
+        self._clean = 0  # columns [0, _clean) of every slot hold finite values
+        self._plan: tuple | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        """The lowest free slot: running rows stay packed at the front, so most decode
+        steps read their slots as one view."""
+        slot = min(self._free)
+        self._free.remove(slot)
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self._free.add(slot)
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.max_batch
+        self._free = set(range(self.max_batch))
+        self._plan = None
+
+    def _clean_up_to(self, width: int) -> None:
+        """Zero the columns no request has written yet before anything reads them: masked
+        keys and values still enter the attention product, and uninitialised memory may
+        hold NaNs (0 × NaN is NaN)."""
+        if width <= self._clean:
+            return
+        end = min(self.max_len, max(width, self._clean + CLEAN_STEP))
+        for layer in self.layers:
+            layer.keys[:, :, self._clean : end].zero_()
+            layer.values[:, :, self._clean : end].zero_()
+        self._clean = end
+
+    def plan_prefill(
+        self, slots: list[int], prompt_lens: list[int], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set up a forward over left-padded prompts (P rows, `width` columns) entering
+        `slots`: returns the (P, 1, T, T) mask and (P, T) position ids. The prompts attend
+        only to themselves (their slots are empty), so `update` hands back their own keys
+        and values and copies the real ones into the slots."""
+        device = self.device
+        lens = torch.tensor(prompt_lens, device=device)  # (P,)
+        start = (width - lens)[:, None]  # (P, 1) first real column of each row
+        cols = torch.arange(width, device=device)
+        real = cols[None, :] >= start  # (P, T)
+        causal = cols[None, :] <= cols[:, None]  # (T, T) query i sees keys j <= i
+        # a padding query sees itself only, so no row is all masked (SDPA would give NaN)
+        mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+        positions = (cols[None, :] - start).clamp(min=0)  # (P, T)
+        rows, src = real.nonzero(as_tuple=True)  # (N,) every real token, row-major
+        dst_slot = torch.tensor(slots, device=device)[rows]
+        dst_pos = src - start[rows, 0]
+        self._clean_up_to(max(prompt_lens))
+        for slot, n in zip(slots, prompt_lens, strict=True):
+            self.lengths[slot] = n
+        self._plan = ("prefill", rows, src, dst_slot, dst_pos)
+        return mask[:, None], positions
+
+    def plan_decode(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set up a one-token forward over the rows in `slots` (ascending): returns the
+        (R, 1, 1, W) mask and (R, 1) position ids, W the longest row's length after this
+        token. Contiguous slots are read through views; others are gathered, a copy of
+        their keys and values that costs less than computing the free slots between
+        them would (measured on CPU, see the README)."""
+        lengths = [self.lengths[s] for s in slots]
+        width = max(lengths) + 1
+        self._clean_up_to(width)
+        pos = torch.tensor(lengths, device=self.device)  # (R,) where this token goes
+        mask = torch.arange(width, device=self.device)[None, :] <= pos[:, None]  # (R, W)
+        for slot in slots:
+            self.lengths[slot] += 1
+        lo, hi = slots[0], slots[-1] + 1
+        index = slice(lo, hi) if hi - lo == len(slots) else torch.tensor(slots, device=self.device)
+        rows = torch.arange(len(slots), device=self.device)
+        self._plan = ("decode", index, width, pos, rows)
+        return mask[:, None, None, :], pos[:, None]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        if self._plan is None:
+            raise RuntimeError("SlotCache: a forward ran without plan_prefill or plan_decode")
+        if self._plan[0] == "prefill":
+            _, rows, src, dst_slot, dst_pos = self._plan
+            # (N, H, D) real tokens only: padding columns are never written
+            layer.keys[dst_slot, :, dst_pos] = key_states[rows, :, src]
+            layer.values[dst_slot, :, dst_pos] = value_states[rows, :, src]
+            return key_states, value_states
+        _, index, width, pos, rows = self._plan
+        if isinstance(index, slice):  # contiguous slots: written and read through views
+            keys, values = layer.keys[index], layer.values[index]
+            keys[rows, :, pos] = key_states[:, :, 0]  # (R, H, D)
+            values[rows, :, pos] = value_states[:, :, 0]
+            return keys[:, :, :width], values[:, :, :width]
+        layer.keys[index, :, pos] = key_states[:, :, 0]
+        layer.values[index, :, pos] = value_states[:, :, 0]
+        return layer.keys[index, :, :width], layer.values[index, :, :width]  # copies
