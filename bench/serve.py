@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,12 +50,19 @@ def run(config: ServeBench) -> dict[str, object]:
     server_tps = load.tokens_per_s
     tokens = [r.completion_tokens for r in load.ok]
     mean_context = sum(len(p) for p in prompts) / len(prompts) + config.new_tokens / 2
+    say("the floor: the bare decode step at the same batch and context, no engine around it")
+    context = round(mean_context)
+    floor_ms = decode_floor(config.model, prompts[0], config.concurrency, context, dtype)
+    step_ms = 1000 * config.concurrency / server_tps if server_tps else None
     return {
         "server_tokens_per_s": round(server_tps, 1),
         "generate_batched_tokens_per_s": round(batched, 1),
         "naive_tokens_per_s": round(naive, 1),
         "ratio_vs_batched_generate": round(server_tps / batched, 3),
         "ratio_vs_naive": round(server_tps / naive, 3),
+        "floor_step_ms": round(floor_ms, 2),
+        "step_ms": round(step_ms, 2) if step_ms else None,
+        "engine_overhead": round(step_ms / floor_ms, 3) if step_ms else None,
         **load.latency_ms(),
         "concurrency": config.concurrency,
         "requests": config.requests,
@@ -74,7 +82,7 @@ def run(config: ServeBench) -> dict[str, object]:
 
 def generate_baselines(
     config: ServeBench, device: torch.device, dtype: torch.dtype
-) -> tuple[float, float]:
+) -> tuple[float, float, list[list[int]]]:
     """Tokens/s of batched `model.generate` over the N prompts, and of batch 1 over K of them."""
     tokenizer = modeling.load_tokenizer(config.model)
     model = modeling.load_model(config.model, device, dtype)
@@ -100,6 +108,55 @@ def generate_baselines(
     )
     naive_tps = config.naive_requests * config.new_tokens / naive_s
     return batched_tps, naive_tps, prompts
+
+
+FLOOR_STEPS = 16  # timed bare decode steps (after two untimed ones)
+
+
+@torch.inference_mode()
+def decode_floor(
+    model_dir: Path, prompt: list[int], concurrency: int, context: int, dtype: torch.dtype
+) -> float:
+    """Median milliseconds of one bare decode step: the same model's forward over
+    `concurrency` rows with `context` tokens each in the engine's slot KV cache, and
+    nothing else (no queue, no sampling, no adapter, no streaming): the floor the engine's
+    step is compared with (`engine_overhead`)."""
+    from server.engine import attention_mask
+    from server.kvcache import SlotCache
+
+    device = modeling.pick_device("auto")
+    model = modeling.load_model(model_dir, device, dtype)
+    cache = SlotCache(model.config, concurrency, context + FLOOR_STEPS + 3, dtype, device)
+    slots = [cache.take() for _ in range(concurrency)]
+    ids = (prompt * math.ceil(context / len(prompt)))[:context]
+    mask, positions = cache.plan_prefill(slots, [context] * concurrency, context)
+    model(
+        input_ids=torch.tensor([ids] * concurrency, device=device),
+        attention_mask=attention_mask(model, mask),
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_ids = torch.full((concurrency, 1), ids[-1], device=device)
+    times = []
+    for _ in range(FLOOR_STEPS + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        mask, positions = cache.plan_decode(slots)
+        out = model(
+            input_ids=next_ids,
+            attention_mask=attention_mask(model, mask),
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        next_ids = out.logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times[2:])
 
 
 def parameter_count(model_dir: Path) -> int:

@@ -205,6 +205,16 @@ class _Row:
     kv_slot: int = -1  # its slot in the KV cache, from prefill on
 
 
+def attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """The slot cache's boolean mask as `model`'s attention takes it (eager adds a float one)."""
+    if model.config._attn_implementation == "sdpa":
+        return mask
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min
+    )
+
+
 class _Batch:
     """The running batch: the row in each occupied slot of the KV cache."""
 
@@ -307,15 +317,6 @@ class Engine:
             weight.device,
         )
         return cache
-
-    def _mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """The boolean mask as the model's attention takes it (eager adds a float one)."""
-        if self.base.config._attn_implementation == "sdpa":
-            return mask
-        dtype = self.base.get_input_embeddings().weight.dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        )
 
     # -- called from RPC threads -------------------------------------------------------
 
@@ -569,7 +570,7 @@ class Engine:
         out = self._forward(
             rows,
             input_ids=next_ids,
-            attention_mask=self._mask(mask),
+            attention_mask=attention_mask(self.base, mask),
             position_ids=positions,
             cache=batch.cache,
         )
@@ -590,7 +591,7 @@ class Engine:
         out = self._forward(
             rows,
             input_ids=ids.to(self.device),
-            attention_mask=self._mask(mask),
+            attention_mask=attention_mask(self.base, mask),
             position_ids=positions,
             cache=batch.cache,
             logits_to_keep=1,

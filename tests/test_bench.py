@@ -41,8 +41,14 @@ def test_bench_serve(tiny_model, capsys):
         "ttft_p50_ms",
         "itl_p50_ms",
         "latency_p99_ms",
+        "floor_step_ms",
+        "step_ms",
     ):
         assert figures[key] > 0, key
+    # the engine's step, from its throughput at full batch, against the bare step
+    assert figures["engine_overhead"] == pytest.approx(
+        figures["step_ms"] / figures["floor_step_ms"], rel=0.01
+    )
     assert figures["ttft_p50_ms"] <= figures["ttft_p99_ms"] <= figures["latency_p99_ms"]
     assert figures["model"] == "kaizen-tiny-random"
     assert figures["dtype"] == ("bf16" if modeling.cpu_has_native_bf16() else "fp32")  # auto
