@@ -169,11 +169,15 @@ class Rollout:
         if not held and self.experiment is not None:
             self._forget_experiment(self.experiment, "this replica lost the rollout lease")
 
-    def _forget_experiment(self, e: Experiment, why: str) -> None:
-        """Stop deciding `e` here; the engine keeps whatever the registry says."""
+    def _drop_experiment(self) -> None:
+        """No experiment runs here any more: no guard run for it, no gauges of it."""
         self._drop_guard_run()
         _clear_canary_gauges()
         self.experiment = None
+
+    def _forget_experiment(self, e: Experiment, why: str) -> None:
+        """Stop deciding `e` here; the engine keeps whatever the registry says."""
+        self._drop_experiment()
         log.info("canary %s: no longer decided by this replica (%s)", e.canary, why)
 
     def close(self) -> None:
@@ -517,10 +521,8 @@ class Rollout:
 
     def _end(self, e: Experiment, decision: str, by: str) -> None:
         metrics.CANARY_DECISIONS.labels(decision, by).inc()
-        self._drop_guard_run()
-        _clear_canary_gauges()
         self.history[e.canary] = e
-        self.experiment = None
+        self._drop_experiment()
 
     def _stop_experiment(self, why: str) -> None:
         """End the running test with no verdict on the canary (this replica's, or the one
@@ -534,9 +536,7 @@ class Rollout:
             return
         self.engine.drop_canary(canary)
         if e is not None:
-            self._drop_guard_run()
-            _clear_canary_gauges()
-            self.experiment = None
+            self._drop_experiment()
         log.info("canary %s stopped without a verdict: %s", canary, why)
 
     # -- operators (admin RPCs) --------------------------------------------------------
