@@ -172,6 +172,20 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+def shared_prefix_ids(tokenizer) -> list[int]:
+    """The tokens chat prompts with the template's own system turn begin with: the common
+    start of two prompts whose user messages differ from their first character. The
+    server caches their keys and values once per version; a prompt is checked token by
+    token before its copy is used, so a template this misjudges costs speed, never
+    correctness."""
+    a = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Aa"}])
+    b = chat_prompt_ids(tokenizer, [{"role": "user", "content": "7?"}])
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The chat-templated prompt, ending where the assistant's answer begins."""
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

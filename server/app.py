@@ -161,6 +161,8 @@ def start(config: ServeConfig, jwt_secret: bytes | None = None) -> RunningServer
         max_batch=config.max_batch,
         max_queue=config.max_queue,
         max_queue_wait_s=config.max_queue_wait_s,
+        prefix_ids=modeling.shared_prefix_ids(tokenizer),
+        prefill_chunk=config.prefill_chunk,
     )
     rollout = Rollout(
         engine,

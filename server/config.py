@@ -53,6 +53,11 @@ class ServeConfig:
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     max_batch: int = option(16, "requests decoded together in one batch at most")
+    prefill_chunk: int = option(
+        256,
+        "prompt tokens one prefill forward computes at most (rows x padded width): a longer "
+        "prompt is prefilled over several steps while the running answers go on",
+    )
     max_queue: int = option(256, "requests waiting for a batch at most; beyond, RESOURCE_EXHAUSTED")
     max_queue_wait_s: float = option(
         30.0, "longest a request may wait for a batch slot; beyond, DEADLINE_EXCEEDED"
@@ -185,6 +190,8 @@ class ServeConfig:
             raise ValueError(
                 f"--canary-min-feedback: must be at least 2, got {self.canary_min_feedback}"
             )
+        if self.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk: must be at least 1, got {self.prefill_chunk}")
 
     def rate_limits(self):
         from server.limits import RateLimits

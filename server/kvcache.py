@@ -2,8 +2,9 @@
 
 Per layer one key and one value tensor of shape (max_batch, kv_heads, max_len, head_dim),
 as gpt-fast keeps them. A request takes a free slot index at admission; its prefill writes
-the prompt's keys and values at positions 0..n-1 of that slot, each decode step writes one
-more at the slot's length, and leaving frees the index. Nothing cached is ever moved,
+the prompt's keys and values at positions 0..n-1 of that slot (in pieces, after a copied
+shared prefix, when the engine says so), each decode step writes one more at the slot's
+length, and leaving frees the index. Nothing cached is ever moved,
 re-padded or re-sliced (a step over non-contiguous slots reads a gathered copy; the
 slots stay put), and the attention mask is rebuilt each step from the slots' lengths
 instead of grown.
@@ -114,29 +115,67 @@ class SlotCache(Cache):
         self._clean = end
 
     def plan_prefill(
-        self, slots: list[int], prompt_lens: list[int], width: int
+        self,
+        slots: list[int],
+        new_lens: list[int],
+        width: int,
+        starts: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Set up a forward over left-padded prompts (P rows, `width` columns) entering
-        `slots`: returns the (P, 1, T, T) mask and (P, T) position ids. The prompts attend
-        only to themselves (their slots are empty), so `update` hands back their own keys
-        and values and copies the real ones into the slots."""
+        """Set up a forward over left-padded prompt pieces (P rows, `width` columns)
+        entering `slots`, row i's after the `starts[i]` tokens its slot already holds (a
+        reused prefix, or the chunks of a long prompt prefilled before): returns the
+        (P, 1, T, K) mask and (P, T) position ids. `update` writes the new keys and values
+        into the slots; when every slot was empty the rows attend only to themselves and
+        get their own keys back (K = T), otherwise they read their slots (K = the longest
+        row's length after this forward)."""
         device = self.device
-        lens = torch.tensor(prompt_lens, device=device)  # (P,)
-        start = (width - lens)[:, None]  # (P, 1) first real column of each row
+        starts = starts or [0] * len(slots)
+        lens = torch.tensor(new_lens, device=device)  # (P,)
+        first = (width - lens)[:, None]  # (P, 1) first real column of each row
         cols = torch.arange(width, device=device)
-        real = cols[None, :] >= start  # (P, T)
-        causal = cols[None, :] <= cols[:, None]  # (T, T) query i sees keys j <= i
-        # a padding query sees itself only, so no row is all masked (SDPA would give NaN)
-        mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
-        positions = (cols[None, :] - start).clamp(min=0)  # (P, T)
+        real = cols[None, :] >= first  # (P, T)
+        offset = torch.tensor(starts, device=device)[:, None]  # (P, 1)
+        positions = (cols[None, :] - first).clamp(min=0) + offset  # (P, T) absolute
         rows, src = real.nonzero(as_tuple=True)  # (N,) every real token, row-major
-        dst_slot = torch.tensor(slots, device=device)[rows]
-        dst_pos = src - start[rows, 0]
-        self._clean_up_to(max(prompt_lens))
-        for slot, n in zip(slots, prompt_lens, strict=True):
-            self.lengths[slot] = n
-        self._plan = ("prefill", rows, src, dst_slot, dst_pos)
+        slot_index = torch.tensor(slots, device=device)
+        dst_slot = slot_index[rows]
+        dst_pos = positions[rows, src]
+        ends = [s + n for s, n in zip(starts, new_lens, strict=True)]
+        self._clean_up_to(max(ends))
+        for slot, end in zip(slots, ends, strict=True):
+            self.lengths[slot] = end
+        if not any(starts):
+            causal = cols[None, :] <= cols[:, None]  # (T, T) query i sees keys j <= i
+            # a padding query sees itself only, so no row is all masked (SDPA gives NaN)
+            eye = torch.eye(width, dtype=torch.bool, device=device)
+            mask = (causal[None] & real[:, None, :]) | eye
+            self._plan = ("prefill", rows, src, dst_slot, dst_pos)
+            return mask[:, None], positions
+        keys = torch.arange(max(ends), device=device)  # (K,) slot positions
+        # a real query at absolute position a sees the slot's keys 0..a; a padding query
+        # sees key 0, which every slot here holds, so no row is all masked
+        mask = keys[None, None, :] <= torch.where(real, positions, 0)[:, :, None]  # (P, T, K)
+        lo, hi = min(slots), max(slots) + 1
+        index = slice(lo, hi) if slots == list(range(lo, hi)) else slot_index
+        self._plan = ("extend", rows, src, dst_slot, dst_pos, index, max(ends))
         return mask[:, None], positions
+
+    def write_prefix(self, slot: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a shared prefix's keys and values, (H, n, D) per layer, into the empty
+        `slot` at positions 0..n-1: the next `plan_prefill` of that slot starts after it."""
+        n = prefix[0][0].shape[1]
+        self._clean_up_to(n)
+        for layer, (keys, values) in zip(self.layers, prefix, strict=True):
+            layer.keys[slot, :, :n] = keys
+            layer.values[slot, :, :n] = values
+        self.lengths[slot] = n
+
+    def read_prefix(self, slot: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of the first `n` positions of `slot`, (H, n, D) per layer."""
+        return [
+            (layer.keys[slot, :, :n].clone(), layer.values[slot, :, :n].clone())
+            for layer in self.layers
+        ]
 
     def plan_decode(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Set up a one-token forward over the rows in `slots` (ascending): returns the
@@ -163,12 +202,15 @@ class SlotCache(Cache):
         layer = self.layers[layer_idx]
         if self._plan is None:
             raise RuntimeError("SlotCache: a forward ran without plan_prefill or plan_decode")
-        if self._plan[0] == "prefill":
-            _, rows, src, dst_slot, dst_pos = self._plan
+        if self._plan[0] in ("prefill", "extend"):
+            _, rows, src, dst_slot, dst_pos, *read = self._plan
             # (N, H, D) real tokens only: padding columns are never written
             layer.keys[dst_slot, :, dst_pos] = key_states[rows, :, src]
             layer.values[dst_slot, :, dst_pos] = value_states[rows, :, src]
-            return key_states, value_states
+            if not read:
+                return key_states, value_states
+            index, width = read  # after what the slots held before: read them whole
+            return layer.keys[index, :, :width], layer.values[index, :, :width]
         _, index, width, pos, rows = self._plan
         if isinstance(index, slice):  # contiguous slots: written and read through views
             keys, values = layer.keys[index], layer.values[index]

@@ -64,8 +64,17 @@ QUEUE_WAIT = Histogram(
 )
 DECODE_STEP = Histogram(
     "kaizen_decode_step_seconds",
-    "One step of the decode loop (decode and prefill of newcomers, then sampling)",
+    "One step of the decode loop (decode, a piece of prefill, then sampling)",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+PREFILL_TOKENS = Counter(
+    "kaizen_prefill_tokens_total",
+    "Prompt tokens run through the model (a prefix reused from the cache is not)",
+)
+PREFIX_REUSED = Counter(
+    "kaizen_prefix_reused_total",
+    "Requests whose shared prompt prefix (the chat template's system turn) was copied from "
+    "the version's cached keys and values instead of computed",
 )
 TOKEN_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 REQUEST_PROMPT_TOKENS = Histogram(

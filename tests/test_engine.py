@@ -385,3 +385,71 @@ def test_a_request_longer_than_a_kv_slot_fails_and_the_others_are_served(make_en
     assert "max_new_tokens" in str(event.error) and "64" in str(event.error)
     tokens, finished = drain(engine.submit(greedy(fits, PROMPTS[1])))
     assert len(tokens) == fits and finished.finish_reason == "length"
+
+
+class Tap(queue.Queue):
+    """A request's event queue that also logs, across requests, who got what and when."""
+
+    def __init__(self, who: str, log: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.who, self.log = who, log
+
+    def put(self, item, *args, **kwargs) -> None:
+        self.log.append((self.who, type(item).__name__))
+        super().put(item, *args, **kwargs)
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_while_the_others_decode(make_engine, tiny_model):
+    """A 122-token prompt in pieces of 8: the decoding row gets a token at every step of
+    its prefill instead of waiting for one long forward, and both answers stay exact."""
+    engine = make_engine(max_batch=3, prefill_chunk=8)
+    log: list[tuple[str, str]] = []
+    running = engine.submit(job(80, seed=1, prompt=PROMPTS[1], events=Tap("running", log)))
+    running.events.put(running.events.get(timeout=60))  # it is decoding
+    prompt = [1] + [300 + (7 * j) % 4000 for j in range(120)] + [2]
+    mark = len(log)
+    long = engine.submit(job(6, seed=2, prompt=prompt, events=Tap("long", log)))
+    long_tokens, _ = drain(long)
+    running_tokens, _ = drain(running)
+    first = log.index(("long", "Token"))
+    during = log[mark:first].count(("running", "Token"))
+    assert during >= len(prompt) // 8 - 1  # one per piece (a whole-prompt forward: 1)
+    reference = modeling.load_model(tiny_model, CPU, torch.float32)
+    assert_exact(reference, long, long_tokens)
+    assert_exact(reference, running, running_tokens)
+
+
+def test_the_shared_prefix_is_computed_once_per_version_and_answers_stay_exact(
+    make_engine, tiny_model, registry
+):
+    prefix = [1, 700, 701, 702, 703, 704, 705, 2]
+    engine = make_engine(max_batch=3, prefix_ids=prefix, prefill_chunk=6)  # prefix in pieces
+    name = modeling.model_info(tiny_model).name
+    canary = publish_random_adapter(registry, tiny_model, seed=3)
+    engine.stage(read_adapter(registry, canary, name), role="canary")
+    wait_until(lambda: engine.canary is not None)
+    reused = REGISTRY.get_sample_value("kaizen_prefix_reused_total") or 0.0
+    firsts = [
+        mixed(1, prefix + PROMPTS[0][1:], 9),
+        mixed(1, prefix + PROMPTS[1][1:], 9, version=canary),
+    ]
+    for j in firsts:  # each version's first prefixed request computes the prefix...
+        drain(engine.submit(j))
+    assert set(engine._prefixes) == {BASE_VERSION, canary}
+    later = (
+        [  # ...the others copy it; a prompt without it, or only it, computes its own
+            mixed(i, prefix + p[1:], n, version=canary if i % 2 else None)
+            for i, (p, n) in enumerate(zip(PROMPTS[2:6], LENGTHS[2:6], strict=True))
+        ]
+        + [mixed(1, PROMPTS[6], 12), mixed(0, prefix, 7, version=canary)]
+    )
+    for j in later:
+        engine.submit(j)
+    results = [drain(j)[0] for j in later]
+    assert REGISTRY.get_sample_value("kaizen_prefix_reused_total") - reused == 4
+    models = {v: model_for(v, tiny_model, registry) for v in (BASE_VERSION, canary)}
+    for j, tokens in zip(later, results, strict=True):
+        assert_exact(models[j.version or BASE_VERSION], j, tokens)
+    assert engine.drop_canary(canary)
+    wait_until(lambda: canary not in engine._prefixes, what="the dropped canary's prefix freed")
+    assert BASE_VERSION in engine._prefixes

@@ -575,6 +575,31 @@ def test_the_processed_distribution_is_the_samplers_own_ties_included():
     assert len({tok for i, tok in seen if i == 1}) == int(full[1].isfinite().sum())
 
 
+def test_the_sampler_draws_each_token_as_often_as_its_probability():
+    """The inverse-CDF draw lands on each token in proportion to q, never on a token q
+    drops, for a sampled row and a nucleus row (an off-by-one in the search would shift
+    every count by one token)."""
+    from server.engine import sample_rows
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.5, -3.0, 0.0]] * 2)
+    rows = [Sampling(temperature=1.0, top_p=1.0), Sampling(temperature=0.8, top_p=0.7)]
+    t = torch.tensor([s.temperature for s in rows])
+    p = torch.tensor([s.top_p for s in rows])
+    q = processed_logprobs(logits, t, p).exp()
+    n = 1000
+    counts = torch.zeros(2, 6)
+    for k in range(20):
+        batch = [rows[i % 2] for i in range(n)]
+        generators = [torch.Generator().manual_seed(k * n + i + 1) for i in range(n)]
+        tokens, _ = sample_rows(logits[[i % 2 for i in range(n)]], batch, generators)
+        for i, tok in enumerate(tokens):
+            counts[i % 2, tok] += 1
+    total = counts.sum(-1, keepdim=True)  # 10,000 draws a row
+    sd = (q * (1 - q) / total).sqrt()
+    assert ((counts / total - q).abs() <= 5 * sd + 1e-9).all(), (counts / total, q)
+    assert (counts[q == 0] == 0).all() and (q[1] == 0).any()
+
+
 def test_the_processed_log_probability_is_differentiable_on_the_kept_tokens():
     logits = torch.randn(3, 5, 16, requires_grad=True)
     tokens = logits.detach().argmax(-1)  # the most likely token is always kept
