@@ -13,12 +13,13 @@ DTYPES = ("auto", "fp32", "bf16")
 INGEST_RPCS = ("both", "stream", "batches")
 
 
-def _check_positive(config: object) -> None:
+def _check_positive(config: object, zero_ok: tuple[str, ...] = ()) -> None:
     for f in fields(config):
         value = getattr(config, f.name)
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and value <= 0 and f.name != "seed":
-            raise ValueError(f"--{f.name.replace('_', '-')}: must be positive, got {value}")
+        if number and value <= 0 and f.name != "seed" and not (value == 0 and f.name in zero_ok):
+            least = "0 or more" if f.name in zero_ok else "positive"
+            raise ValueError(f"--{f.name.replace('_', '-')}: must be {least}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,17 @@ class ServeBench:
     new_tokens: int = option(64, "tokens generated per request (exactly: ignore_eos)")
     dtype: str = option("auto", DTYPE_HELP, DTYPES)
     naive_requests: int = option(4, "requests answered one at a time for the naive baseline")
+    device: str = option(
+        "auto", "torch device of the server, the baselines and the floor: auto, cpu, cuda, cuda:N"
+    )
+    long_prompt_tokens: int = option(
+        2000,
+        "after the load, one prompt this long arrives while concurrency-1 streams decode: "
+        "their inter-token p99 then; 0 skips it",
+    )
 
     def __post_init__(self) -> None:
-        _check_positive(self)
+        _check_positive(self, zero_ok=("long_prompt_tokens",))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 `kaizen_server` starts the server on a fresh buffer and registry in a temporary
 directory and stops it with SIGTERM; `run_load` sends N streamed chat requests, at most
 C at a time, each asking for exactly T tokens (`ignore_eos`), and records when each
-chunk arrived.
+chunk arrived; `run_long_prompt` sends one long prompt while C-1 others decode.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,6 +150,7 @@ class RequestRecord:
     model_version: str
     response_id: str
     error: str = ""  # gRPC status code name; "" when the request succeeded
+    prompt_tokens: int = 0  # as the server counted them, from the final chunk
 
     @property
     def ok(self) -> bool:
@@ -218,9 +219,9 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def chat_request(index: int, new_tokens: int, seed: int) -> chat_pb2.GenerateRequest:
+def chat_request(content: str, new_tokens: int, seed: int) -> chat_pb2.GenerateRequest:
     return chat_pb2.GenerateRequest(
-        messages=[chat_pb2.Message(role="user", content=PROMPTS[index % len(PROMPTS)])],
+        messages=[chat_pb2.Message(role="user", content=content)],
         sampling=chat_pb2.SamplingParams(
             max_new_tokens=new_tokens,
             temperature=TEMPERATURE,
@@ -234,9 +235,11 @@ def chat_request(index: int, new_tokens: int, seed: int) -> chat_pb2.GenerateReq
 
 
 def stream_one(
-    stub: chat_pb2_grpc.ChatServiceStub, index: int, new_tokens: int, seed: int
+    stub: chat_pb2_grpc.ChatServiceStub,
+    request: chat_pb2.GenerateRequest,
+    on_text: Callable[[int], None] | None = None,
 ) -> RequestRecord:
-    request = chat_request(index, new_tokens, seed)
+    """Stream one request; `on_text(n)` is called as its n-th text chunk arrives."""
     chunks: list[float] = []
     final = None
     error = ""
@@ -246,6 +249,8 @@ def stream_one(
             now = time.perf_counter()
             if chunk.text_delta:
                 chunks.append(now)
+                if on_text is not None:
+                    on_text(len(chunks))
             if chunk.done:
                 final = chunk
         if final is None:
@@ -261,6 +266,7 @@ def stream_one(
         model_version=final.model_version if final is not None else "",
         response_id=final.response_id if final is not None else "",
         error=error,
+        prompt_tokens=final.prompt_tokens if final is not None else 0,
     )
 
 
@@ -279,7 +285,8 @@ def run_load(
 
     def one(i: int) -> RequestRecord:
         nonlocal done
-        record = stream_one(stub, i, new_tokens, first_seed + i)
+        request = chat_request(PROMPTS[i % len(PROMPTS)], new_tokens, first_seed + i)
+        record = stream_one(stub, request)
         with lock:
             done += 1
             if progress and (done % max(1, requests // 4) == 0 or not record.ok):
@@ -299,3 +306,63 @@ def warm_up(channel: grpc.Channel, new_tokens: int, concurrency: int) -> None:
     result = run_load(channel, 2, min(2, concurrency), new_tokens, first_seed=10**9, progress=False)
     if result.errors:
         raise RuntimeError(f"warm-up requests failed: {result.errors}")
+
+
+@dataclass(frozen=True)
+class LongPromptResult:
+    """`concurrency - 1` streams, and one long prompt sent once they were all decoding."""
+
+    others: list[RequestRecord]
+    long: RequestRecord
+
+    def others_itl_s(self) -> list[float]:
+        """The other streams' inter-token gaps that overlap the long request's life (sent
+        to last chunk): what its prefill and decode can delay, whatever the count of
+        tokens each stream asked for."""
+        start, end = self.long.submitted_s, self.long.finished_s
+        return [
+            b - a
+            for r in self.others
+            if r.ok
+            for a, b in zip(r.text_chunk_s, r.text_chunk_s[1:], strict=False)
+            if b > start and a < end
+        ]
+
+
+DECODING_AFTER_CHUNKS = 3  # a stream that has streamed this many text chunks is decoding
+
+
+def run_long_prompt(
+    channel: grpc.Channel,
+    concurrency: int,
+    new_tokens: int,
+    long_content: str,
+    long_new_tokens: int,
+    first_seed: int,
+) -> LongPromptResult:
+    """Start `concurrency - 1` streams of `new_tokens` tokens; once each has streamed a few
+    text chunks (or ended), send one request whose user message is `long_content`."""
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    streams = concurrency - 1
+    decoding = threading.Semaphore(0)
+    gate = min(DECODING_AFTER_CHUNKS, new_tokens)
+
+    def on_text(chunks: int) -> None:
+        if chunks == gate:
+            decoding.release()
+
+    def one(i: int) -> RequestRecord:
+        request = chat_request(PROMPTS[i % len(PROMPTS)], new_tokens, first_seed + i)
+        record = stream_one(stub, request, on_text)
+        if len(record.text_chunk_s) < gate:  # ended (or failed) before decoding: do not block
+            decoding.release()
+        return record
+
+    with ThreadPoolExecutor(max(1, streams), thread_name_prefix="bench-client") as pool:
+        futures = [pool.submit(one, i) for i in range(streams)]
+        for _ in range(streams):
+            if not decoding.acquire(timeout=REQUEST_TIMEOUT_S):
+                raise RuntimeError("the streams did not start decoding before the long prompt")
+        long = stream_one(stub, chat_request(long_content, long_new_tokens, first_seed + streams))
+        others = [f.result() for f in futures]
+    return LongPromptResult(others, long)

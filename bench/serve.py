@@ -3,7 +3,10 @@
 1. Start `kaizen serve`, warm it up, and stream N chat requests from C client threads,
    each asking for exactly T tokens: tokens/s, time to first token, inter-token latency
    and request latency.
-2. Stop it, then generate the same N answers in this process with plain batched
+2. Still on that server: C-1 streams of T tokens, and once they all decode, one prompt of
+   `--long-prompt-tokens` tokens: the streams' inter-token p99 while it is served, against
+   step 1's, and its own time to first token.
+3. Stop it, then generate the same N answers in this process with plain batched
    `model.generate` (batch C, left-padded) and, for K of them, one request at a time:
    the two baselines the server's batching is compared with.
 """
@@ -14,26 +17,52 @@ import math
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from bench.config import ServeBench
-from bench.load import PROMPTS, TEMPERATURE, TOP_P, kaizen_server, run_load, say, warm_up
+from bench.load import (
+    PROMPTS,
+    TEMPERATURE,
+    TOP_P,
+    LongPromptResult,
+    kaizen_server,
+    percentile,
+    run_load,
+    run_long_prompt,
+    say,
+    warm_up,
+)
 from bench.report import environment
 from kaizen import modeling
 
 
 def run(config: ServeBench) -> dict[str, object]:
     info = modeling.model_info(config.model)
-    device = modeling.pick_device("auto")
+    device = bench_device(config.device)
     dtype = modeling.pick_dtype(config.dtype, device)
+    long_content, long_tokens = "", 0
+    if config.long_prompt_tokens:
+        tokenizer = modeling.load_tokenizer(config.model)
+        long_content, long_tokens = long_prompt(tokenizer, config.long_prompt_tokens)
+        if long_tokens + LONG_PROMPT_NEW_TOKENS > info.max_context:  # kaizen serve's limit
+            raise ValueError(
+                f"--long-prompt-tokens: {long_tokens} and {LONG_PROMPT_NEW_TOKENS} new tokens "
+                f"exceed the model's context of {info.max_context} tokens"
+            )
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="kaizen-bench-serve-") as tmp:
-        say(f"starting kaizen serve on {info.name} ({config.dtype}) in {tmp}")
+        say(f"starting kaizen serve on {info.name} ({config.dtype}, {device}) in {tmp}")
         with kaizen_server(
-            config.model.resolve(), Path(tmp), config.concurrency, config.new_tokens, config.dtype
+            config.model.resolve(),
+            Path(tmp),
+            config.concurrency,
+            config.new_tokens,
+            config.dtype,
+            extra=("--device", str(device)),
         ) as server:
             warm_up(server.channel, config.new_tokens, config.concurrency)
             say(
@@ -43,6 +72,20 @@ def run(config: ServeBench) -> dict[str, object]:
             load = run_load(
                 server.channel, config.requests, config.concurrency, config.new_tokens, 1
             )
+            phase = None
+            if long_tokens:
+                say(
+                    f"long prompt: {long_tokens} tokens arrive while "
+                    f"{config.concurrency - 1} streams decode"
+                )
+                phase = run_long_prompt(
+                    server.channel,
+                    config.concurrency,
+                    config.new_tokens,
+                    long_content,
+                    LONG_PROMPT_NEW_TOKENS,
+                    first_seed=1 + config.requests,
+                )
         server_exit_code = server.exit_code
 
     say("baselines in this process: batched model.generate, then one request at a time")
@@ -52,8 +95,9 @@ def run(config: ServeBench) -> dict[str, object]:
     mean_context = sum(len(p) for p in prompts) / len(prompts) + config.new_tokens / 2
     say("the floor: the bare decode step at the same batch and context, no engine around it")
     context = round(mean_context)
-    floor_ms = decode_floor(config.model, prompts[0], config.concurrency, context, dtype)
+    floor_ms = decode_floor(config.model, prompts[0], config.concurrency, context, dtype, device)
     step_ms = 1000 * config.concurrency / server_tps if server_tps else None
+    latency = load.latency_ms()
     return {
         "server_tokens_per_s": round(server_tps, 1),
         "generate_batched_tokens_per_s": round(batched, 1),
@@ -63,7 +107,8 @@ def run(config: ServeBench) -> dict[str, object]:
         "floor_step_ms": round(floor_ms, 2),
         "step_ms": round(step_ms, 2) if step_ms else None,
         "engine_overhead": round(step_ms / floor_ms, 3) if step_ms else None,
-        **load.latency_ms(),
+        **latency,
+        **long_prompt_figures(phase, long_tokens, latency["itl_p99_ms"]),
         "concurrency": config.concurrency,
         "requests": config.requests,
         "new_tokens": config.new_tokens,
@@ -110,12 +155,87 @@ def generate_baselines(
     return batched_tps, naive_tps, prompts
 
 
+LONG_PROMPT_NEW_TOKENS = 4  # the long request's own answer: what it costs is its prefill
+
+
+def bench_device(requested: str) -> torch.device:
+    """The device of the server, the baselines and the floor; a bad --device fails here,
+    before a server starts."""
+    try:
+        device = modeling.pick_device(requested)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: {exc}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: auto, cpu, cuda or cuda:N, got {requested!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device: {requested} is not among this machine's CUDA devices")
+    return device
+
+
+def long_prompt(tokenizer, tokens: int) -> tuple[str, int]:
+    """One user message of the shipped prompts repeated, cut so that its chat-templated
+    prompt is `tokens` tokens (or a token or two fewer: text cut mid-word can re-tokenize
+    longer); the message and that length."""
+
+    def templated(content: str) -> int:
+        return len(modeling.chat_prompt_ids(tokenizer, [{"role": "user", "content": content}]))
+
+    overhead = templated("")
+    if tokens <= overhead:
+        raise ValueError(
+            f"--long-prompt-tokens: the chat template alone is {overhead} tokens; "
+            f"ask for more, or 0 to skip the phase"
+        )
+    text = " ".join(PROMPTS * (tokens // len(PROMPTS) + 1))  # each prompt is several tokens
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = tokens - overhead
+    while True:
+        content = tokenizer.decode(ids[:keep])
+        length = templated(content)
+        if length <= tokens:
+            return content, length
+        keep -= length - tokens
+
+
+def long_prompt_figures(
+    phase: LongPromptResult | None, tokens: int, itl_p99_ms: float | None
+) -> dict[str, object]:
+    """The long-prompt phase: the other streams' inter-token p99 while it was served, and
+    its ratio to the main load's; None throughout when the phase was skipped."""
+    if phase is None:
+        return {
+            "long_prompt_tokens": 0,
+            "long_prompt_ttft_ms": None,
+            "itl_p99_ms_with_long_prompt": None,
+            "itl_p99_ratio_long_prompt": None,
+            "long_prompt_failed_by_code": {},
+        }
+    p99_s = percentile(phase.others_itl_s(), 99)
+    p99_ms = None if p99_s is None else round(1000 * p99_s, 1)
+    ttft_s = phase.long.ttft_s
+    records = [*phase.others, phase.long]
+    return {
+        "long_prompt_tokens": phase.long.prompt_tokens if phase.long.ok else tokens,
+        "long_prompt_ttft_ms": None if ttft_s is None else round(1000 * ttft_s, 1),
+        "itl_p99_ms_with_long_prompt": p99_ms,
+        "itl_p99_ratio_long_prompt": round(p99_ms / itl_p99_ms, 3)
+        if p99_ms and itl_p99_ms
+        else None,
+        "long_prompt_failed_by_code": dict(Counter(r.error for r in records if not r.ok)),
+    }
+
+
 FLOOR_STEPS = 16  # timed bare decode steps (after two untimed ones)
 
 
 @torch.inference_mode()
 def decode_floor(
-    model_dir: Path, prompt: list[int], concurrency: int, context: int, dtype: torch.dtype
+    model_dir: Path,
+    prompt: list[int],
+    concurrency: int,
+    context: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> float:
     """Median milliseconds of one bare decode step: the same model's forward over
     `concurrency` rows with `context` tokens each in the engine's slot KV cache, and
@@ -124,7 +244,6 @@ def decode_floor(
     from server.engine import attention_mask
     from server.kvcache import SlotCache
 
-    device = modeling.pick_device("auto")
     model = modeling.load_model(model_dir, device, dtype)
     cache = SlotCache(model.config, concurrency, context + FLOOR_STEPS + 3, dtype, device)
     slots = [cache.take() for _ in range(concurrency)]

@@ -54,6 +54,32 @@ def test_bench_serve(tiny_model, capsys):
     assert figures["dtype"] == ("bf16" if modeling.cpu_has_native_bf16() else "fp32")  # auto
 
 
+def test_bench_serve_long_prompt_on_cpu(tiny_model, capsys):
+    figures = bench(
+        capsys,
+        "serve",
+        *("--model", str(tiny_model), "--concurrency", "2", "--requests", "4"),
+        *("--new-tokens", "16", "--naive-requests", "1"),
+        *("--device", "cpu", "--long-prompt-tokens", "300"),
+    )
+    assert figures["device"] == "cpu"
+    assert figures["failed_requests"] == 0 and figures["long_prompt_failed_by_code"] == {}
+    assert 290 < figures["long_prompt_tokens"] <= 300  # as the server counted the prompt
+    assert figures["long_prompt_ttft_ms"] > 0
+    assert figures["itl_p99_ms_with_long_prompt"] > 0
+    assert figures["itl_p99_ratio_long_prompt"] == pytest.approx(
+        figures["itl_p99_ms_with_long_prompt"] / figures["itl_p99_ms"], rel=0.01
+    )
+
+
+def test_bench_serve_rejects_what_the_server_would(tiny_model, capsys):
+    base = ("serve", "--model", str(tiny_model), "--json")
+    assert main(["bench", *base, "--long-prompt-tokens", "4000"]) == 2  # context 2048
+    assert "--long-prompt-tokens" in capsys.readouterr().err
+    assert main(["bench", *base, "--device", "nonsense"]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
 def test_bench_swap(tiny_model, capsys):
     figures = bench(
         capsys,
