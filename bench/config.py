@@ -38,9 +38,15 @@ class ServeBench:
         "after the load, one prompt this long arrives while concurrency-1 streams decode: "
         "their inter-token p99 then; 0 skips it",
     )
+    lora_rank: int = option(
+        0,
+        "serve a random LoRA adapter of this rank on q and v (published as v1 before the "
+        "load) instead of the base model; 0 serves the base model",
+    )
+    server_args: str = option("", "extra `kaizen serve` flags, e.g. '--prefill-chunk 64'")
 
     def __post_init__(self) -> None:
-        _check_positive(self, zero_ok=("long_prompt_tokens",))
+        _check_positive(self, zero_ok=("long_prompt_tokens", "lora_rank"))
 
 
 @dataclass(frozen=True)

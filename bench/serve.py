@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import statistics
 import tempfile
 import time
@@ -36,7 +37,9 @@ from bench.load import (
     warm_up,
 )
 from bench.report import environment
+from bench.swap import LORA, publish, wait_serving_version
 from kaizen import modeling
+from kaizen.registry import BASE_VERSION, Registry
 
 
 def run(config: ServeBench) -> dict[str, object]:
@@ -62,8 +65,14 @@ def run(config: ServeBench) -> dict[str, object]:
             config.concurrency,
             config.new_tokens,
             config.dtype,
-            extra=("--device", str(device)),
+            extra=("--device", str(device), *shlex.split(config.server_args)),
         ) as server:
+            serving = BASE_VERSION
+            if config.lora_rank:
+                say(f"publishing a random rank-{config.lora_rank} LoRA adapter to serve")
+                adapter = zero_adapter(config.model, Path(tmp) / "adapter", config.lora_rank)
+                serving = publish(Registry(server.registry_dir), adapter, info.name)
+                wait_serving_version(server.channel, serving)
             warm_up(server.channel, config.new_tokens, config.concurrency)
             say(
                 f"load: {config.requests} requests of {config.new_tokens} tokens, "
@@ -109,6 +118,9 @@ def run(config: ServeBench) -> dict[str, object]:
         "engine_overhead": round(step_ms / floor_ms, 3) if step_ms else None,
         **latency,
         **long_prompt_figures(phase, long_tokens, latency["itl_p99_ms"]),
+        "serving_version": serving,
+        "answers_on_serving_version": sum(r.model_version == serving for r in load.ok),
+        "lora_rank": config.lora_rank,
         "concurrency": config.concurrency,
         "requests": config.requests,
         "new_tokens": config.new_tokens,
@@ -153,6 +165,20 @@ def generate_baselines(
     )
     naive_tps = config.naive_requests * config.new_tokens / naive_s
     return batched_tps, naive_tps, prompts
+
+
+def zero_adapter(model_dir: Path, out: Path, rank: int) -> Path:
+    """A LoRA adapter of `rank` on the modules kaizen learns (q and v) as peft initialises
+    one, B = 0: it costs what any adapter of its shape costs, and its answers are the base
+    model's, so the text streams (and their TTFT and inter-token figures) compare with a
+    run on the base model. A random one would stream garbage whose multi-token
+    characters hold text chunks back."""
+    from peft import LoraConfig, get_peft_model
+
+    base = modeling.load_model(model_dir, torch.device("cpu"), torch.float32)
+    shape = {**LORA, "r": rank, "lora_alpha": 2 * rank}
+    get_peft_model(base, LoraConfig(**shape)).save_pretrained(out)
+    return out
 
 
 LONG_PROMPT_NEW_TOKENS = 4  # the long request's own answer: what it costs is its prefill

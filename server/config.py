@@ -54,7 +54,7 @@ class ServeConfig:
     )
     max_batch: int = option(16, "requests decoded together in one batch at most")
     prefill_chunk: int = option(
-        96,
+        128,
         "prompt tokens one prefill forward computes at most (rows x padded width): a longer "
         "prompt is prefilled over several steps while the running answers go on",
     )
@@ -95,7 +95,7 @@ class ServeConfig:
         600.0, "…or of those rated within this many seconds of their first"
     )
     canary_min_feedback: int = option(
-        96,
+        128,
         "users (or answers, or events: --canary-unit) per arm with rewarded feedback "
         "before a decision",
     )

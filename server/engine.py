@@ -35,11 +35,17 @@ from kaizen.registry import BASE_VERSION, version_number
 from kaizen.sampling import processed_logprobs
 from server import metrics
 from server.kvcache import SlotCache
+from server.lora import FoldedLora, foldable
 
 log = logging.getLogger(__name__)
 LATE_DECISION_S = 60.0  # a decision the loop has taken is applied within this, or it is dead
 
 BASE_SLOT = "__base__"  # peft's name for "no adapter" in a mixed batch
+# With no row decoding, no one's next token waits on a prefill: one forward may take this
+# many pieces' worth (a wave of 16 chat prompts at once, rather than in two steps that
+# each delay the rows the first one started), still bounded so that a long prompt's
+# forward and its activations stay a few pieces in size.
+IDLE_PREFILL_PIECES = 8
 
 
 @dataclass(frozen=True)
@@ -338,6 +344,8 @@ class Engine:
         self._next_slot = 0
         self._active_slot: str | None = None  # peft's active adapter, for one-slot steps
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
+        self._slot_foldable: dict[str, bool] = {}
+        self._fold: FoldedLora | None = None  # from the first installed adapter on
         self._batch = _Batch(self._make_cache(model, max_batch, max_len))
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
@@ -537,7 +545,7 @@ class Engine:
         if rows:
             logits.append(self._decode_step(rows, batch.cache))
         if batch.prefilling:  # after the decode step: their slots were holes in it
-            done, done_logits = self._prefill(batch)
+            done, done_logits = self._prefill(batch, decoding=bool(rows))
             rows = rows + done
             logits.append(done_logits)
         if rows:
@@ -610,15 +618,35 @@ class Engine:
         if self.peft is None:
             return self.base(**inputs, use_cache=True)
         slots = {r.slot for r in rows}
-        if len(slots) == 1 and BASE_SLOT not in slots:
+        (slot,) = slots if len(slots) == 1 else (None,)
+        if slot == BASE_SLOT:  # the base model's rows only: peft's adapters off
+            self._fold.bare()
+        elif slot is not None and self._folds(slot):
+            self._fold.merged(slot)  # the serving version alone: its LoRA folded in
+        elif slot is not None:
             # One adapter for every row: peft's plain path, 15-20 % faster than the
             # mixed-batch one (bench on SmolLM2-135M, bf16, B = 16).
-            (slot,) = slots
+            self._fold.unmerged()
             if self._active_slot != slot:
                 self.peft.base_model.set_adapter(slot)
                 self._active_slot = slot
-            return self.peft(**inputs, use_cache=True)
-        return self.peft(**inputs, use_cache=True, adapter_names=[r.slot for r in rows])
+        else:
+            self._fold.unmerged()
+            return self.peft(**inputs, use_cache=True, adapter_names=[r.slot for r in rows])
+        return self.peft(**inputs, use_cache=True)
+
+    def _folds(self, slot: str) -> bool:
+        """Whether a forward of `slot` alone runs with its LoRA folded into the weights:
+        the serving version's, while no canary is routed to and no seated row is on
+        another version. Folding per forward instead (a mixed decode step, then a prefill
+        of the new version's rows alone) flipped the layers twice a step while versions
+        changed hands, and `kaizen bench swap` lost 15 % of its tokens/s to it."""
+        alone = self.canary is None and self._slots.get(slot) == self.serving.version
+        return (
+            alone
+            and self._slot_foldable[slot]
+            and all(row.slot == slot for row in self._batch.rows)
+        )
 
     @torch.inference_mode()
     def _decode_step(self, rows: list[_Row], cache: SlotCache) -> torch.Tensor:
@@ -634,10 +662,10 @@ class Engine:
         )
         return out.logits[:, -1, :]
 
-    def _prefill_plan(self, waiting: list[_Row]) -> tuple[list[_Row], int]:
+    def _prefill_plan(self, waiting: list[_Row], budget: float) -> tuple[list[_Row], int]:
         """The prefilling rows (oldest first) whose next pieces fit one forward of at most
-        `prefill_chunk` token-equivalents, and the forward's width: at least one row, its
-        piece cut to the budget.
+        `budget` token-equivalents, and the forward's width: at least one row, its piece
+        cut to the budget.
 
         A forward of R rows × W columns whose pieces end at up to E cached tokens costs
         R·W·(1 + E/K): every token goes through the weights once, and attends over up to
@@ -645,7 +673,7 @@ class Engine:
         Without the second term a 128-token piece cost 154 ms here at the start of a
         2,000-token prompt and 350 ms at its end, and the other rows' tokens waited for it.
         """
-        budget, keys = self.prefill_chunk, self._keys_per_token
+        keys = self._keys_per_token
         chosen, width, deepest = [], 0, 0
         for row in waiting:
             left = len(row.request.prompt_ids) - row.cached
@@ -659,11 +687,12 @@ class Engine:
         return chosen, width
 
     @torch.inference_mode()
-    def _prefill(self, batch: _Batch) -> tuple[list[_Row], torch.Tensor]:
+    def _prefill(self, batch: _Batch, decoding: bool) -> tuple[list[_Row], torch.Tensor]:
         """The next piece of each chosen prefilling row's prompt, in one left-padded forward
         written into the rows' slots; returns the rows whose whole prompt is now cached,
         with their last-token logits, which their first token is sampled from."""
-        rows, width = self._prefill_plan(batch.prefilling)
+        budget = self.prefill_chunk * (1 if decoding else IDLE_PREFILL_PIECES)
+        rows, width = self._prefill_plan(batch.prefilling, budget)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         pieces, starts = [], []
         for i, row in enumerate(rows):  # left padding: every row's last token aligns
@@ -797,6 +826,8 @@ class Engine:
         from peft import PeftModel, set_peft_model_state_dict
 
         self._retire_slots()
+        if self._fold is not None:  # peft changes its layers only as peft made them
+            self._fold.unmerged()
         key = _config_key(adapter.config)
         free = [s for s, held in self._slots.items() if held is None]
         slot = next((s for s in free if self._slot_keys[s] == key), None)
@@ -808,20 +839,27 @@ class Engine:
             new_slots = [f"slot{self._next_slot + i}" for i in range(1 + first_of_shape)]
             self._next_slot += len(new_slots)
             slot = new_slots[0]
+            # the adapter in the serving dtype (peft would make it float32 beside bf16)
             if self.peft is None:
-                self.peft = PeftModel(self.base, adapter.config, adapter_name=slot)
+                self.peft = PeftModel(
+                    self.base, adapter.config, adapter_name=slot, autocast_adapter_dtype=False
+                )
             else:
-                self.peft.add_adapter(slot, adapter.config)
+                self.peft.add_adapter(slot, adapter.config, autocast_adapter_dtype=False)
             for spare in new_slots[1:]:
-                self.peft.add_adapter(spare, adapter.config)
+                self.peft.add_adapter(spare, adapter.config, autocast_adapter_dtype=False)
             for old in free:
                 self.peft.delete_adapter(old)
                 del self._slots[old], self._slot_keys[old]
                 self._slot_params.pop(old, None)
+                self._slot_foldable.pop(old, None)
             self.peft.eval()
             self._active_slot = None  # adding or deleting adapters may move peft's active one
+            self._fold = FoldedLora(self.peft)  # the adapted layers may have changed
             for new in new_slots:
                 self._slots[new], self._slot_keys[new] = None, key
+                self._slot_foldable[new] = foldable(adapter.config)
+        self._fold.forget(slot)  # a folded copy of it holds the version it held before
         if not self._copy_into(slot, adapter.state_dict):
             result = set_peft_model_state_dict(self.peft, adapter.state_dict, adapter_name=slot)
             missing = [k for k in result.missing_keys if f".{slot}." in k and "lora_" in k]

@@ -54,15 +54,18 @@ def test_bench_serve(tiny_model, capsys):
     assert figures["dtype"] == ("bf16" if modeling.cpu_has_native_bf16() else "fp32")  # auto
 
 
-def test_bench_serve_long_prompt_on_cpu(tiny_model, capsys):
+def test_bench_serve_long_prompt_on_an_adapter_on_cpu(tiny_model, capsys):
     figures = bench(
         capsys,
         "serve",
         *("--model", str(tiny_model), "--concurrency", "2", "--requests", "4"),
         *("--new-tokens", "16", "--naive-requests", "1"),
         *("--device", "cpu", "--long-prompt-tokens", "300"),
+        *("--lora-rank", "4", "--server-args", "--prefill-chunk 32"),
     )
     assert figures["device"] == "cpu"
+    # the load ran on the published adapter (folded into the weights), not the base model
+    assert figures["serving_version"] == "v1" and figures["answers_on_serving_version"] == 4
     assert figures["failed_requests"] == 0 and figures["long_prompt_failed_by_code"] == {}
     assert 290 < figures["long_prompt_tokens"] <= 300  # as the server counted the prompt
     assert figures["long_prompt_ttft_ms"] > 0

@@ -453,3 +453,40 @@ def test_the_shared_prefix_is_computed_once_per_version_and_answers_stay_exact(
     assert engine.drop_canary(canary)
     wait_until(lambda: canary not in engine._prefixes, what="the dropped canary's prefix freed")
     assert BASE_VERSION in engine._prefixes
+
+
+def test_the_serving_version_alone_runs_folded_and_every_path_stays_exact(
+    make_engine, tiny_model, registry
+):
+    """Alone, the serving version's LoRA is folded into the weights; with a canary in the
+    batch it is unfolded; the base model's rows run with the adapters off; a new serving
+    version is folded afresh. Every answer matches its own version's model."""
+    from server.lora import BARE, MERGED, UNMERGED
+
+    engine = make_engine(max_batch=3)
+    name = modeling.model_info(tiny_model).name
+    v1, v2 = (publish_random_adapter(registry, tiny_model, seed=s) for s in (5, 6))
+    models = {v: model_for(v, tiny_model, registry) for v in (BASE_VERSION, v1, v2)}
+
+    def answers(jobs: list[Request], state: str) -> None:
+        for j in jobs:
+            engine.submit(j)
+        results = [drain(j) for j in jobs]
+        assert engine._fold.state == state
+        for j, (tokens, finished) in zip(jobs, results, strict=True):
+            assert_exact(models[finished.version], j, tokens)
+
+    engine.stage(read_adapter(registry, v1, name))
+    wait_until(lambda: engine.version == v1)
+    answers([mixed(i, p, n) for i, (p, n) in enumerate(zip(PROMPTS[:3], LENGTHS[:3]))], MERGED)
+    assert engine._fold.slot == engine._slot_of(v1)
+    engine.stage(read_adapter(registry, v2, name), role="canary")
+    wait_until(lambda: engine.canary is not None)
+    pinned = [mixed(i, p, 20, version=v2 if i % 2 else None) for i, p in enumerate(PROMPTS[:4])]
+    answers(pinned, UNMERGED)
+    assert engine.promote_canary(v2)
+    answers([mixed(i, p, 15) for i, p in enumerate(PROMPTS[2:5])], MERGED)
+    assert engine._fold.slot == engine._slot_of(v2)
+    engine.restore(None)  # an operator's rollback to the base model
+    wait_until(lambda: engine.version == BASE_VERSION)
+    answers([mixed(i, p, 15) for i, p in enumerate(PROMPTS[:2])], BARE)
