@@ -554,15 +554,36 @@ class Engine:
 
     def _seat(self, row: _Row) -> None:
         """Give the row a KV slot, with the shared prefix's keys and values already in it
-        when its prompt starts with the prefix and its version has them."""
+        when its prompt starts with the prefix."""
         self._batch.seat(row)
         self._batch.prefilling.append(row)
         prompt, n = row.request.prompt_ids, len(self.prefix_ids)
-        prefix = self._prefixes.get(row.version)
-        if prefix is not None and len(prompt) > n and prompt[:n] == self.prefix_ids:
-            self._batch.cache.write_prefix(row.kv_slot, prefix)
+        if n and len(prompt) > n and prompt[:n] == self.prefix_ids:
+            self._batch.cache.write_prefix(row.kv_slot, self._prefix_of(row))
             row.cached = n
             metrics.PREFIX_REUSED.inc()
+
+    @torch.inference_mode()
+    def _prefix_of(self, row: _Row) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The shared prefix's keys and values under the row's version: computed by one
+        forward into a one-slot scratch cache the first time a row of the version needs
+        them, so even the first wave of a new version's rows prefills only what follows."""
+        prefix = self._prefixes.get(row.version)
+        if prefix is None:
+            n, layer = len(self.prefix_ids), self._batch.cache.layers[0]
+            scratch = SlotCache(self.base.config, 1, n, layer.keys.dtype, layer.keys.device)
+            mask, positions = scratch.plan_prefill([scratch.take()], [n], n)
+            self._forward(
+                [row],
+                input_ids=torch.tensor([self.prefix_ids], device=self.device),
+                attention_mask=attention_mask(self.base, mask),
+                position_ids=positions,
+                cache=scratch,
+                logits_to_keep=1,
+            )
+            prefix = self._prefixes[row.version] = scratch.read_prefix(0, n)
+            metrics.PREFILL_TOKENS.inc(n)
+        return prefix
 
     def _admit(self, requests: list[Request]) -> list[_Row]:
         rows = []
@@ -715,24 +736,10 @@ class Engine:
         done = []
         for i, row in enumerate(rows):
             row.cached += pieces[i]
-            self._keep_prefix(row)
             if not row.prefilling:
                 batch.prefilling.remove(row)
                 done.append(i)
         return [rows[i] for i in done], out.logits[done, -1, :]
-
-    def _keep_prefix(self, row: _Row) -> None:
-        """Once a row of a version with no stored prefix has computed the shared prefix
-        (rows of a version that has one copy it), keep its keys and values for the
-        version's later rows."""
-        n = len(self.prefix_ids)
-        if (
-            n
-            and row.cached >= n
-            and row.version not in self._prefixes
-            and row.request.prompt_ids[:n] == self.prefix_ids
-        ):
-            self._prefixes[row.version] = self._batch.cache.read_prefix(row.kv_slot, n)
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         tokens, logprobs = sample_rows(

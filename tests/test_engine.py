@@ -423,32 +423,32 @@ def test_the_shared_prefix_is_computed_once_per_version_and_answers_stay_exact(
     make_engine, tiny_model, registry
 ):
     prefix = [1, 700, 701, 702, 703, 704, 705, 2]
-    engine = make_engine(max_batch=3, prefix_ids=prefix, prefill_chunk=6)  # prefix in pieces
+    engine = make_engine(max_batch=3, prefix_ids=prefix, prefill_chunk=6)  # prompts in pieces
     name = modeling.model_info(tiny_model).name
     canary = publish_random_adapter(registry, tiny_model, seed=3)
     engine.stage(read_adapter(registry, canary, name), role="canary")
     wait_until(lambda: engine.canary is not None)
     reused = REGISTRY.get_sample_value("kaizen_prefix_reused_total") or 0.0
-    firsts = [
-        mixed(1, prefix + PROMPTS[0][1:], 9),
-        mixed(1, prefix + PROMPTS[1][1:], 9, version=canary),
-    ]
-    for j in firsts:  # each version's first prefixed request computes the prefix...
-        drain(engine.submit(j))
-    assert set(engine._prefixes) == {BASE_VERSION, canary}
-    later = (
-        [  # ...the others copy it; a prompt without it, or only it, computes its own
+    computed = REGISTRY.get_sample_value("kaizen_prefill_tokens_total") or 0.0
+    jobs = (
+        [  # a prompt without the prefix, or only the prefix, computes its own
             mixed(i, prefix + p[1:], n, version=canary if i % 2 else None)
-            for i, (p, n) in enumerate(zip(PROMPTS[2:6], LENGTHS[2:6], strict=True))
+            for i, (p, n) in enumerate(zip(PROMPTS[:6], LENGTHS[:6], strict=True))
         ]
         + [mixed(1, PROMPTS[6], 12), mixed(0, prefix, 7, version=canary)]
     )
-    for j in later:
+    for j in jobs:
         engine.submit(j)
-    results = [drain(j)[0] for j in later]
-    assert REGISTRY.get_sample_value("kaizen_prefix_reused_total") - reused == 4
+    results = [drain(j)[0] for j in jobs]
+    assert set(engine._prefixes) == {BASE_VERSION, canary}
+    assert REGISTRY.get_sample_value("kaizen_prefix_reused_total") - reused == 6
+    # the prefix went through the model once per version, the rest of each prompt once
+    rest = sum(len(j.prompt_ids) - len(prefix) for j in jobs[:6]) + len(PROMPTS[6]) + len(prefix)
+    assert REGISTRY.get_sample_value("kaizen_prefill_tokens_total") - computed == (
+        2 * len(prefix) + rest
+    )
     models = {v: model_for(v, tiny_model, registry) for v in (BASE_VERSION, canary)}
-    for j, tokens in zip(later, results, strict=True):
+    for j, tokens in zip(jobs, results, strict=True):
         assert_exact(models[j.version or BASE_VERSION], j, tokens)
     assert engine.drop_canary(canary)
     wait_until(lambda: canary not in engine._prefixes, what="the dropped canary's prefix freed")
@@ -478,7 +478,10 @@ def test_the_serving_version_alone_runs_folded_and_every_path_stays_exact(
 
     engine.stage(read_adapter(registry, v1, name))
     wait_until(lambda: engine.version == v1)
-    answers([mixed(i, p, n) for i, (p, n) in enumerate(zip(PROMPTS[:3], LENGTHS[:3]))], MERGED)
+    answers(
+        [mixed(i, p, n) for i, (p, n) in enumerate(zip(PROMPTS[:3], LENGTHS[:3], strict=True))],
+        MERGED,
+    )
     assert engine._fold.slot == engine._slot_of(v1)
     engine.stage(read_adapter(registry, v2, name), role="canary")
     wait_until(lambda: engine.canary is not None)
