@@ -155,8 +155,11 @@ def load_tokenizer(path: Path | str):
 
 
 def load_model(path: Path | str, device: torch.device, dtype: torch.dtype):
+    """The model in `dtype` on `device`. The explicit cast after loading is the guarantee:
+    on the GPU machine of issue 22 a served model came out float32 although bf16 was
+    asked for, and a checkpoint's own `torch_dtype` must never decide the serving one."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def stop_token_ids(tokenizer) -> set[int]:

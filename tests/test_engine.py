@@ -493,3 +493,11 @@ def test_the_serving_version_alone_runs_folded_and_every_path_stays_exact(
     engine.restore(None)  # an operator's rollback to the base model
     wait_until(lambda: engine.version == BASE_VERSION)
     answers([mixed(i, p, 15) for i, p in enumerate(PROMPTS[:2])], BARE)
+
+
+def test_the_model_is_loaded_in_the_dtype_asked_for_not_the_checkpoints(tiny_model):
+    """The tiny checkpoint is stored in float32; serving in bf16 must get bf16 everywhere
+    (a float32 model served under bf16 was the GPU test's failure)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        model = modeling.load_model(tiny_model, CPU, dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype}
