@@ -151,24 +151,26 @@ def sample_rows(
     row from the row's own generator, so a seed reproduces its answer in any batch: the
     token is where that uniform falls in the row's cumulative distribution (inverse CDF).
     Sixteen `torch.multinomial` calls, one per generator, cost 18 ms a step on this
-    machine's CPU, a fifth of the step; the batched cumsum and search cost 0.5 ms. The
-    cumulative sum is in float64, so each token's share of [0, 1) is its float32
-    probability to within 1e-16.
+    machine's CPU, a fifth of the step; the batched cumsum and search cost about 1 ms.
+    The cumulative sum is float32 and in place: each token's width in it is its
+    probability to within half an ulp of the running sum (≤ 6e-8), a token of probability
+    0 has width exactly 0, and a second (float64) buffer of B × V had cost 3 ms a step in
+    page faults.
     """
     logits = logits.float()  # (B, V)
     device = logits.device
     temps = torch.tensor([s.temperature for s in rows], device=device)
     top_p = torch.tensor([s.top_p for s in rows], device=device)
     logp = processed_logprobs(logits, temps, top_p)  # (B, V)
-    cdf = logp.exp().cumsum(-1, dtype=torch.float64)  # (B, V)
+    cdf = logp.exp().cumsum_(-1)  # (B, V)
     draws = torch.cat(
-        [torch.rand(1, generator=g, device=device, dtype=torch.float64) for g in generators]
+        [torch.rand(1, generator=g, device=device) for g in generators]
     )  # (B,) one per row, from its own generator
     # first token whose cumulative mass exceeds the draw: never one of probability 0
     drawn = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)
     drawn = drawn.clamp_(max=logits.shape[-1] - 1)[:, 0]  # (B,)
     greedy = temps <= 0  # the chosen token had probability 1: logged as 0
-    tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    tokens = torch.where(greedy, logits.argmax(-1), drawn) if greedy.any() else drawn
     logprobs = logp.gather(1, tokens[:, None])[:, 0].masked_fill(greedy, 0.0)
     return tokens.tolist(), logprobs.tolist()
 
