@@ -311,15 +311,15 @@ class Engine:
         max_queue_wait_s: float = 30.0,
         max_len: int | None = None,
         prefix_ids: list[int] | None = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 128,
     ) -> None:
         """`max_len`: tokens one request may hold in the KV cache (prompt and answer), by
         default the model's context; the server refuses longer requests at the door.
         `prefix_ids`: the tokens most prompts begin with (the chat template's system turn):
         their keys and values are computed once per version and copied into each slot
-        that needs them. `prefill_chunk`: prompt tokens (rows × padded width) one prefill
-        forward computes at most, so a long prompt is prefilled over several steps while
-        the running rows go on decoding."""
+        that needs them. `prefill_chunk`: token-equivalents one prefill forward computes
+        at most while rows decode (`_prefill_plan`), so a long prompt is prefilled over
+        several steps while the running rows go on decoding."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, not {prefill_chunk}")
         self.prefix_ids = list(prefix_ids or [])
@@ -530,8 +530,11 @@ class Engine:
         newcomers = self._admit(
             self._waiting.take(self.max_batch - len(batch), wait_s=0 if len(batch) else 0.05)
         )
+        for row in newcomers:  # all seated first: if a prefix forward fails, the loop
+            self._batch.seat(row)  # fails every one of them with it
+            self._batch.prefilling.append(row)
         for row in newcomers:
-            self._seat(row)
+            self._copy_prefix(row)
         metrics.QUEUE_DEPTH.set(len(self._waiting))
         for row in list(batch.prefilling):  # a prefilling row has no token stream to end
             if row.request.cancelled.is_set():
@@ -554,11 +557,9 @@ class Engine:
             self._sample_and_emit(rows, torch.cat(logits))
         metrics.DECODE_STEP.observe(time.perf_counter() - started)
 
-    def _seat(self, row: _Row) -> None:
-        """Give the row a KV slot, with the shared prefix's keys and values already in it
-        when its prompt starts with the prefix."""
-        self._batch.seat(row)
-        self._batch.prefilling.append(row)
+    def _copy_prefix(self, row: _Row) -> None:
+        """Put the shared prefix's keys and values in the newly seated row's slot when its
+        prompt starts with the prefix."""
         prompt, n = row.request.prompt_ids, len(self.prefix_ids)
         if n and len(prompt) > n and prompt[:n] == self.prefix_ids:
             self._batch.cache.write_prefix(row.kv_slot, self._prefix_of(row))

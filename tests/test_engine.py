@@ -501,3 +501,20 @@ def test_the_model_is_loaded_in_the_dtype_asked_for_not_the_checkpoints(tiny_mod
     for dtype in (torch.bfloat16, torch.float32):
         model = modeling.load_model(tiny_model, CPU, dtype)
         assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_a_failed_prefix_forward_fails_every_request_seated_with_it(make_engine):
+    """None of the requests admitted in that step is left waiting on a stream that no
+    one will write (their callers would wait out the request timeout)."""
+    prefix = [1, 700, 701, 702, 2]
+    engine = make_engine(max_batch=3, prefix_ids=prefix)
+    engine._prefix_of = lambda row: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    engine.stop()  # queued while no loop runs, so that one step takes all three
+    engine._running.set()
+    jobs = [engine.submit(job(4, seed=i, prompt=prefix + [300 + i, 2])) for i in range(3)]
+    engine.start()
+    for j in jobs:
+        event = j.events.get(timeout=30)
+        assert isinstance(event, Failed) and "out of memory" in str(event.error)
+    tokens, _ = drain(engine.submit(job(4, seed=9, prompt=[1, 400, 2])))  # the loop goes on
+    assert len(tokens) == 4
