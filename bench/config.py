@@ -40,8 +40,8 @@ class ServeBench:
     )
     lora_rank: int = option(
         0,
-        "serve a random LoRA adapter of this rank on q and v (published as v1 before the "
-        "load) instead of the base model; 0 serves the base model",
+        "serve a LoRA adapter of this rank on q and v (B = 0, so the base model's answers at "
+        "an adapter's cost; published as v1 before the load); 0 serves the base model",
     )
     server_args: str = option("", "extra `kaizen serve` flags, e.g. '--prefill-chunk 64'")
 

@@ -69,7 +69,7 @@ def run(config: ServeBench) -> dict[str, object]:
         ) as server:
             serving = BASE_VERSION
             if config.lora_rank:
-                say(f"publishing a random rank-{config.lora_rank} LoRA adapter to serve")
+                say(f"publishing a rank-{config.lora_rank} LoRA adapter (B = 0) to serve")
                 adapter = zero_adapter(config.model, Path(tmp) / "adapter", config.lora_rank)
                 serving = publish(Registry(server.registry_dir), adapter, info.name)
                 wait_serving_version(server.channel, serving)

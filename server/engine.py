@@ -34,7 +34,7 @@ from kaizen.events import Sampling
 from kaizen.registry import BASE_VERSION, version_number
 from kaizen.sampling import processed_logprobs
 from server import metrics
-from server.kvcache import SlotCache
+from server.kvcache import SlotCache, attention_shape
 from server.lora import FoldedLora, foldable
 
 log = logging.getLogger(__name__)
@@ -240,11 +240,9 @@ def attention_keys_per_token(config) -> float:
     """How many cached keys one query attends over for the multiply-adds that one token
     costs in a layer's weights (the projections and the MLP): the context at which a
     prefill token's attention costs as much again as the rest of it."""
-    config = config.get_text_config()
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    heads, kv_heads, head_dim = attention_shape(config)
+    hidden = config.get_text_config().hidden_size
+    inner = getattr(config.get_text_config(), "intermediate_size", None) or 4 * hidden
     weights = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inner
     return weights / (2 * heads * head_dim)  # per key: q·k and the weighted v
 
@@ -269,8 +267,10 @@ class _Batch:
         return self.cache.max_batch - self.cache.free_slots
 
     def seat(self, row: _Row) -> None:
+        """A KV slot for a newcomer, which starts by prefilling its prompt."""
         row.kv_slot = self.cache.take()
         self.seats[row.kv_slot] = row
+        self.prefilling.append(row)
 
     def leave(self, row: _Row) -> None:
         self.seats[row.kv_slot] = None
@@ -531,8 +531,7 @@ class Engine:
             self._waiting.take(self.max_batch - len(batch), wait_s=0 if len(batch) else 0.05)
         )
         for row in newcomers:  # all seated first: if a prefix forward fails, the loop
-            self._batch.seat(row)  # fails every one of them with it
-            self._batch.prefilling.append(row)
+            batch.seat(row)  # fails every one of them with it
         for row in newcomers:
             self._copy_prefix(row)
         metrics.QUEUE_DEPTH.set(len(self._waiting))

@@ -28,6 +28,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 CLEAN_STEP = 256  # never-written cache columns are zeroed this many at a time, on first use
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a model's attention, from its config."""
+    config = config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
 class SlotLayer(CacheLayerMixin):
     """One layer's keys and values for every slot; `SlotCache.update` writes and reads it."""
 
@@ -63,12 +72,12 @@ class SlotCache(Cache):
     def __init__(
         self, config, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        config = config.get_text_config()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        _, kv_heads, head_dim = attention_shape(config)
         shape = (max_batch, kv_heads, max_len, head_dim)
-        layers = [SlotLayer(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        layers = [
+            SlotLayer(shape, dtype, device)
+            for _ in range(config.get_text_config().num_hidden_layers)
+        ]
         super().__init__(layers=layers)
         self.max_batch, self.max_len = max_batch, max_len
         self.device = torch.device(device)
@@ -101,6 +110,14 @@ class SlotCache(Cache):
         self.lengths = [0] * self.max_batch
         self._free = set(range(self.max_batch))
         self._plan = None
+
+    def _index(self, slots: list[int]) -> slice | torch.Tensor:
+        """How a forward's rows read their slots: a view when the slots are consecutive and
+        in order, else an index tensor (a gathered copy)."""
+        lo = slots[0]
+        if slots == list(range(lo, lo + len(slots))):
+            return slice(lo, lo + len(slots))
+        return torch.tensor(slots, device=self.device)
 
     def _clean_up_to(self, width: int) -> None:
         """Zero the columns no request has written yet before anything reads them: masked
@@ -155,9 +172,7 @@ class SlotCache(Cache):
         # a real query at absolute position a sees the slot's keys 0..a; a padding query
         # sees key 0, which every slot here holds, so no row is all masked
         mask = keys[None, None, :] <= torch.where(real, positions, 0)[:, :, None]  # (P, T, K)
-        lo, hi = min(slots), max(slots) + 1
-        index = slice(lo, hi) if slots == list(range(lo, hi)) else slot_index
-        self._plan = ("extend", rows, src, dst_slot, dst_pos, index, max(ends))
+        self._plan = ("extend", rows, src, dst_slot, dst_pos, self._index(slots), max(ends))
         return mask[:, None], positions
 
     def write_prefix(self, slot: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -190,10 +205,8 @@ class SlotCache(Cache):
         mask = torch.arange(width, device=self.device)[None, :] <= pos[:, None]  # (R, W)
         for slot in slots:
             self.lengths[slot] += 1
-        lo, hi = slots[0], slots[-1] + 1
-        index = slice(lo, hi) if hi - lo == len(slots) else torch.tensor(slots, device=self.device)
         rows = torch.arange(len(slots), device=self.device)
-        self._plan = ("decode", index, width, pos, rows)
+        self._plan = ("decode", self._index(slots), width, pos, rows)
         return mask[:, None, None, :], pos[:, None]
 
     def update(

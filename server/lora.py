@@ -45,9 +45,9 @@ class FoldedLora:
         self.slot: str | None = None  # the adapter slot `folded` was built from
         self.state = UNMERGED
 
-    def forget(self, slot: str | None = None) -> None:
-        """The weights of `slot` (None: of any slot) changed: its folded copy is stale."""
-        if slot is None or slot == self.slot:
+    def forget(self, slot: str) -> None:
+        """The weights of `slot` changed: its folded copy, if any, is stale."""
+        if slot == self.slot:
             self.unmerged()
             self.folded, self.slot = [], None
 
