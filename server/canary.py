@@ -264,17 +264,17 @@ class UserArm:
 class CanaryPolicy:
     share: float = 0.1  # of users routed to the canary at first; 0 = publish straight away
     max_share: float = 0.5  # the ramp doubles the share up to this (= share: no ramp)
-    ramp_every_s: float = 300.0  # …every this long, while the canary does not look worse
+    ramp_every_s: float = 120.0  # …every this long, while the canary does not look worse
     alpha: float = 0.05  # false-promotion rate
     margin: float = 0.02  # promote when not worse than serving by more than this
     unit: str = "user"  # what one observation is: user | answer | event
     user_answers: int = 5  # a user's observation: their first this many rated answers…
-    user_settle_s: float = 600.0  # …or those rated within this long of their first
+    user_settle_s: float = 60.0  # …or those rated within this long of their first
     tau: float = 0.2  # unit answer/event: the mSPRT's mixing scale
     min_feedback: int = 10  # units per arm with rewarded feedback before any decision
     max_feedback: int = 4000  # canary events after which an undecided canary is rolled back
     window_s: float = 7200.0  # …or after this long
-    supersede_after_s: float = 900.0  # undecided this long: a newer version replaces it
+    supersede_after_s: float = 600.0  # undecided this long: a newer version replaces it
 
 
 @dataclass
@@ -384,11 +384,12 @@ class Experiment:
                 self.ramped_at = now
             return self.decision
 
-    def forecast(self, now: float) -> float | None:
-        """The smallest Δ this window can still promote, if traffic keeps its pace: the
-        interval's half-width now, shrunk by sqrt(pairs now / pairs at the window's end),
-        minus the margin (the ramp only adds users, so this errs long). None before one
-        ramp period has passed or with fewer than `min_feedback` pairs (unit user only)."""
+    def forecast(self, now: float, until: float | None = None) -> float | None:
+        """The smallest Δ this canary can still promote by `until` (default: the window's
+        end) if traffic keeps its pace: the interval's half-width now, shrunk by
+        sqrt(pairs now / pairs then), minus the margin (the ramp only adds users, so this
+        errs long). None before one ramp period has passed or with fewer than
+        `min_feedback` pairs (unit user only)."""
         elapsed = now - self.started_at
         pairs = int(self.pairs.n[0])
         if self.policy.unit != "user" or elapsed < self.policy.ramp_every_s:
@@ -396,8 +397,18 @@ class Experiment:
         if pairs < max(2, self.policy.min_feedback):
             return None
         _, low, high = self.interval()
-        at_end = pairs + pairs / elapsed * max(0.0, self.policy.window_s - elapsed)
-        return (high - low) / 2 * math.sqrt(pairs / at_end) - self.policy.margin
+        end = self.started_at + self.policy.window_s
+        then = pairs + pairs / elapsed * max(0.0, min(end, until or end) - now)
+        return (high - low) / 2 * math.sqrt(pairs / then) - self.policy.margin
+
+    def on_track(self, now: float, within: float) -> bool:
+        """Whether the canary's estimate, if it holds, would be promoted within `within`
+        seconds at the pace pairs have come so far: a stale canary that is about to be
+        promoted is not worth restarting from nothing for a newer version. Never looks
+        at whether the estimate is *right*: promotion is still the test's alone."""
+        with self._lock:
+            smallest = self.forecast(now, until=now + within)
+            return smallest is not None and self.interval()[0] > smallest
 
     def settle(
         self, decision: str, reason: str, now: float | None = None, outcome: str = ""

@@ -74,7 +74,7 @@ class ServeConfig:
         0.5, "the ramp doubles the canary's share up to this (≤ --canary-share: no ramp)"
     )
     canary_ramp_every_s: float = option(
-        300.0, "seconds between two ramp steps, taken while the canary does not look worse"
+        120.0, "seconds between two ramp steps, taken while the canary does not look worse"
     )
     canary_alpha: float = option(
         0.05, "the canary test's false-promotion rate (a worse version promoted)"
@@ -92,10 +92,10 @@ class ServeConfig:
         5, "a user's observation is the mean reward of their first this many rated answers…"
     )
     canary_user_settle_s: float = option(
-        600.0, "…or of those rated within this many seconds of their first"
+        60.0, "…or of those rated within this many seconds of their first"
     )
     canary_min_feedback: int = option(
-        128,
+        10,
         "users (or answers, or events: --canary-unit) per arm with rewarded feedback "
         "before a decision",
     )
@@ -106,7 +106,7 @@ class ServeConfig:
         7200.0, "seconds after which an undecided canary is rolled back"
     )
     canary_supersede_after_s: float = option(
-        900.0,
+        600.0,
         "an undecided canary this old gives way to a newer published version (rolled back "
         "undecided; the newer one is canaried); 0 = never",
     )

@@ -408,7 +408,8 @@ class Rollout:
             return True
         now = time.time() if now is None else now
         newer = version_number(version) > version_number(e.canary)
-        return newer and not e.decision and 0 < wait <= now - e.started_at
+        stale = newer and not e.decision and 0 < wait <= now - e.started_at
+        return stale and not e.on_track(now, within=wait)
 
     def yield_to(self, version: str, now: float | None = None) -> bool:
         """Whether the running canary gives way to `version`, newer than it: when it has
@@ -416,8 +417,13 @@ class Rollout:
         learner goes on from it) and the newer version is canaried next. At a small
         deployment's traffic a version can take longer to decide than the learner takes
         to publish a better one; testing the stale one to the end of its window would
-        keep every newer one waiting. Each version is still promoted only by its own
-        test, so α holds per version."""
+        keep every newer one waiting. Except a canary on track: one whose estimate, if
+        it holds, is promoted within another `supersede_after_s` at the pace its users
+        have come (`Experiment.on_track`) keeps its test, up to its window; restarting
+        it for the newer version would throw that evidence away, and at a small
+        deployment's traffic the newer one would be superseded in turn before it could
+        be decided. Each version is still promoted only by its own test, so α holds per
+        version."""
         now = time.time() if now is None else now
         with self._lock:
             e = self.experiment

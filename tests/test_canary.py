@@ -187,3 +187,32 @@ def test_the_window_forecast_says_how_large_a_gain_this_traffic_can_show():
     assert at_fast < at_slow  # more users by the window's end: smaller gains show
     assert at_slow > policy.margin  # 20 pairs in 200 s: a 1,000 s window resolves little
     assert Experiment("v2", "v1", replace(policy, unit="answer")).forecast(now=500.0) is None
+
+
+def test_the_server_runs_the_canary_policy_it_documents():
+    # a stray edit once left the server deciding only after 128 users an arm (10 here):
+    # at a small deployment's traffic no canary was ever decided
+    from server.config import ServeConfig
+
+    assert ServeConfig().canary_policy() == CanaryPolicy()
+
+
+def test_a_stale_canary_on_track_to_promotion_keeps_its_test_a_flat_one_does_not():
+    policy = CanaryPolicy(user_answers=1, ramp_every_s=60.0, min_feedback=10, window_s=7200.0)
+    rng = random.Random(3)
+
+    def experiment(delta: float) -> Experiment:
+        e = Experiment("v2", "v1", policy, started_at=0.0)
+        for i in range(40):  # 40 users an arm in 600 s, thumbs at P(+1) = 0.4
+            for version, p in (("v2", 0.4 + delta / 2), ("v1", 0.4)):
+                r = 1.0 if rng.random() < p else -1.0
+                e.add(version, r, user=f"{version}-{i}", answer=f"{version}-a{i}", now=15.0 * i)
+        e.decide(now=600.0)
+        return e
+
+    promising, flat = experiment(0.6), experiment(0.0)
+    assert not promising.decision and not flat.decision  # neither decided yet
+    assert promising.on_track(now=600.0, within=600.0)  # twice the users: promoted
+    assert not flat.on_track(now=600.0, within=600.0)
+    assert not promising.on_track(now=600.0, within=1.0)  # no time: no new users
+    assert not Experiment("v2", "v1", policy, started_at=0.0).on_track(600.0, 600.0)
