@@ -13,6 +13,9 @@ Layout under the registry root:
     rollout/canary.json       the canary the rollout authority runs (version, share, since
                               when, from which feedback seq): what every server replica
                               routes by; live while its version has no decision
+    rollout/policy.json       how the rollout authority tests new versions (canary share,
+                              α, margin, unit): the learner's replay gate defers to a
+                              live canary when it cannot judge a candidate
     .staging-<random>/        a version being written; invisible to readers
 
 A version is written under a staging name, every file and the directory fsynced, then
@@ -44,6 +47,7 @@ BASE_VERSION = "v0"
 MANIFEST = "manifest.json"
 ROLLOUT_DIR = "rollout"
 CANARY_RECORD = "canary.json"
+POLICY_RECORD = "policy.json"
 PROMOTED, ROLLED_BACK = "promoted", "rolled_back"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
@@ -187,6 +191,17 @@ class Registry:
         if not version or self.rollout(version) is not None:
             return None
         return record
+
+    def record_policy(self, policy: dict[str, object]) -> None:
+        """How the servers test a new version (written by the rollout authority)."""
+        self._write_rollout_file(POLICY_RECORD, policy, first=False)
+
+    def policy(self) -> dict[str, object] | None:
+        """The servers' rollout policy as last recorded; None before any server wrote it."""
+        try:
+            return json.loads((self.root / ROLLOUT_DIR / POLICY_RECORD).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     def servable(self, version: str) -> bool:
         """Neither refused by the learner nor rolled back by a server."""

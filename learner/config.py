@@ -75,6 +75,13 @@ class LearnerConfig:
         "slice's importance weights, candidate's or last version's, is below this (see "
         "README, How kaizen decides)",
     )
+    gate_abstain: str = option(
+        "defer",
+        "gate: what an abstention does: defer (publish it for the servers' canary to test "
+        "live when they run one, per rollout/policy.json in the registry; refuse when they "
+        "do not) or reject (always refuse)",
+        ("defer", "reject"),
+    )
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")

@@ -20,7 +20,9 @@ dropped):
   both replayed (SNIPS by default, `learner.estimators`), and the one-sided lower bound
   of the candidate's estimate minus the last one's must not fall below −`gate_margin`,
   and the weights' effective sample size must reach `gate_min_ess` (below it the gate
-  abstains: it refuses rather than approves on evidence carried by a few answers);
+  abstains: it refuses rather than approves on evidence carried by a few answers —
+  unless the servers run a canary, as `rollout/policy.json` in the registry says: then
+  it publishes and the live test, valid at any ESS, decides; `gate_abstain`);
 - the guard evals (`kaizen.guard`, --guard-evals): the candidate answers each probe
   greedily and must break none of its rules (a fact it must still know, a flattering
   opening it must not write).
@@ -695,12 +697,18 @@ class Learner:
         ess = min(effective_sample_size(candidate), effective_sample_size(last))
         if ess < c.gate_min_ess:  # too few answers carry the weights: no bound to trust
             evidence["abstained"] = True
-            evidence["refused"] = (
+            why = (
                 f"replay gate abstains: the importance weights' effective sample size is "
                 f"{ess:.1f} of {len(held)} held-out events, below --gate-min-ess "
-                f"{c.gate_min_ess:g}; too few answers carry the estimate to approve it"
+                f"{c.gate_min_ess:g}"
             )
-            log.warning("%s", evidence["refused"])
+            share = self._canary_share() if c.gate_abstain == "defer" else 0.0
+            if share > 0:  # the live test decides; the guard evals still run
+                evidence["deferred"] = f"to the servers' canary (share {share:g})"
+                log.warning("%s; deferring to the servers' canary (share %g)", why, share)
+            else:
+                evidence["refused"] = f"{why}; too few answers carry the estimate to approve it"
+                log.warning("%s", evidence["refused"])
         elif low < -c.gate_margin:
             evidence["refused"] = (
                 f"replay gate: {name} says {last_value + diff:+.3f} against {against}'s "
@@ -709,6 +717,15 @@ class Learner:
                 f"-{c.gate_margin} (--gate-margin)"
             )
         return evidence
+
+    def _canary_share(self) -> float:
+        """The share of users the servers canary a new version to first, as the rollout
+        authority recorded it in the registry (0: none recorded, or no canary)."""
+        policy = self.registry.policy() or {}
+        try:
+            return max(0.0, float(policy.get("canary_share", 0.0)))
+        except (TypeError, ValueError):
+            return 0.0
 
     def run_guard_evals(self) -> GuardResult | None:
         """The guard evals (--guard-evals) on the candidate's weights, greedily; each

@@ -165,9 +165,32 @@ class Rollout:
                 "is now" if held else "is no longer",
             )
             metrics.ROLLOUT_AUTHORITY.set(int(held))
+            if held:
+                self._record_policy()
         self.leader = held
         if not held and self.experiment is not None:
             self._forget_experiment(self.experiment, "this replica lost the rollout lease")
+
+    def _record_policy(self) -> None:
+        """Tell the learner how new versions are tested here (`rollout/policy.json`): its
+        replay gate publishes a candidate it cannot judge only when a canary will test it
+        live (share > 0)."""
+        p = self.policy
+        try:
+            self.registry.record_policy(
+                {
+                    "canary_share": p.share,
+                    "max_share": p.max_share,
+                    "alpha": p.alpha,
+                    "margin": p.margin,
+                    "unit": p.unit,
+                    "window_s": p.window_s,
+                    "by": self.holder,
+                    "at": time.time(),
+                }
+            )
+        except OSError as exc:  # the learner then assumes no canary: it refuses, not defers
+            log.warning("the rollout policy could not be recorded: %s", exc)
 
     def _drop_experiment(self) -> None:
         """No experiment runs here any more: no guard run for it, no gauges of it."""

@@ -440,14 +440,33 @@ def test_the_replay_gate_abstains_below_its_effective_sample_size_floor(config, 
     assert metrics.GUARD_TRIPS.labels("replay_gate")._value.get() == trips + 1
     assert learner.version == "v0" and registry.latest_servable() == "v0"
 
-    # the same candidate with the floor just below its ESS: approved and published
-    with torch.no_grad():
-        for p, value in zip(learner.params, candidate, strict=True):
-            p.copy_(value)
-    learner.config = dataclasses.replace(learner.config, gate_min_ess=ess - 0.5)
-    assert learner.publish() == "v2"
-    gate = registry.manifest("v2").metadata["gate"]
-    assert "abstained" not in gate and min(gate["candidate_ess"], gate["last_ess"]) == ess
+    def the_candidate() -> None:
+        with torch.no_grad():
+            for p, value in zip(learner.params, candidate, strict=True):
+                p.copy_(value)
+
+    # the same candidate with the floor just below its ESS: approved
+    the_candidate()
+    floor = learner.config
+    learner.config = dataclasses.replace(floor, gate_min_ess=ess - 0.5)
+    gate = learner.gate()
+    assert "abstained" not in gate and "refused" not in gate
+    assert min(gate["candidate_ess"], gate["last_ess"]) == ess
+
+    # the servers run a canary (their rollout authority records it): an abstaining gate
+    # defers to the live test, unless told to reject; without a canary it refuses (above)
+    registry.record_policy({"canary_share": 0.1, "alpha": 0.05})
+    learner.config = dataclasses.replace(floor, gate_abstain="reject")
+    the_candidate()
+    assert learner.publish() is None and registry.rejected("v2").startswith("replay gate abst")
+    learner.config = floor
+    the_candidate()
+    with caplog.at_level("WARNING", logger="learner.loop"):
+        assert learner.publish() == "v3"
+    gate = registry.manifest("v3").metadata["gate"]
+    assert gate["abstained"] and gate["deferred"] == "to the servers' canary (share 0.1)"
+    assert not registry.rejected("v3") and registry.latest_servable() == "v3"
+    assert any("deferring to the servers' canary" in r.getMessage() for r in caplog.records)
 
 
 def test_the_replay_gate_compares_with_what_servers_serve(config):

@@ -126,6 +126,8 @@ def test_an_undecided_canary_gives_way_to_a_newer_version_after_supersede_after_
 ):
     running = rollout_server(canary_share=0.5, canary_supersede_after_s=900.0)
     registry = Registry(running.watcher.registry.root)
+    policy = registry.policy()  # what the learner's gate reads: a live test will run
+    assert policy["canary_share"] == 0.5 and policy["by"] == running.rollout.holder
     v1 = publish_random_adapter(registry, tiny_model, seed=1)
     wait_until(lambda: running.engine.canary is not None, what="the canary install")
     v2 = publish_random_adapter(registry, tiny_model, seed=2)
