@@ -107,13 +107,16 @@ def run(config: LearnBench, preference=None, measure=None) -> dict[str, object]:
             raise RuntimeError(f"kaizen learn exited with {learner_exit}: see {out}/learn.log")
         registry = Registry(server.registry_dir)
         if _canary(server_args):  # measure what the rollout decided to serve
-            final = _serving(server.channel)
+            final = _settle_canary(server.channel, server_args)
         else:
             final = registry.latest_servable()  # a candidate a guard refused is never served
             if final != BASE_VERSION:
                 wait_serving_version(server.channel, final)
         say(f"measuring {final} on the held-out prompts")
         after = heldout_answers(server.channel, heldout, **sample)
+        mixed = sorted({v for _, _, v in after} - {final})
+        if mixed:
+            raise RuntimeError(f"the held-out answers after came from {mixed} besides {final}")
         rollout = (
             _rollout(server.channel, out / "buffer.db", users_stopped)
             if _canary(server_args)
@@ -168,6 +171,38 @@ def _canary(server_args: list[str]) -> bool:
         elif flag == "--canary-share" and i + 1 < len(server_args):
             share = float(server_args[i + 1])
     return share > 0
+
+
+def _settle_canary(channel, server_args: list[str]) -> str:
+    """After the users stop, what the rollout serves: the canary's last users become final
+    `--canary-user-settle-s` after their first rated answer, so wait that long (and two
+    registry polls) for its last decision; then end a canary still undecided, as its
+    window would (with no users left it can never be decided), so the held-out prompts
+    are answered by one version: the evaluator might be routed to a canary, and a decision
+    in the middle of the measurement would switch versions under it."""
+    from server.canary import CanaryPolicy
+
+    settle = CanaryPolicy().user_settle_s
+    for i, flag in enumerate(server_args):
+        if flag.startswith("--canary-user-settle-s="):
+            settle = float(flag.split("=", 1)[1])
+        elif flag == "--canary-user-settle-s" and i + 1 < len(server_args):
+            settle = float(server_args[i + 1])
+    say(f"waiting {settle + 2:.0f} s for the canary's last users to count")
+    time.sleep(settle + 2.0)
+    from kaizen.v1 import model_pb2, model_pb2_grpc
+
+    stub = model_pb2_grpc.ModelServiceStub(channel)
+    for info in stub.ListVersions(model_pb2.ListVersionsRequest()).versions:
+        if info.state == "canary":
+            say(f"ending {info.version}'s canary: undecided when the users stopped")
+            stub.Rollback(
+                model_pb2.RollbackRequest(
+                    version=info.version, reason="bench learn: undecided when the users stopped"
+                ),
+                timeout=60,
+            )
+    return _serving(channel)
 
 
 def _serving(channel) -> str:
