@@ -102,7 +102,7 @@ def run(config: LearnBench, preference=None, measure=None) -> dict[str, object]:
             users_stopped = time.time()
         finally:
             learner.terminate()
-            learner_exit = learner.wait(timeout=120)
+            learner_exit = learner.wait(timeout=900)  # mid-publish on a busy CPU: minutes
         if learner_exit != 0:
             raise RuntimeError(f"kaizen learn exited with {learner_exit}: see {out}/learn.log")
         registry = Registry(server.registry_dir)
