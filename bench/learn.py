@@ -162,15 +162,21 @@ def run(config: LearnBench, preference=None, measure=None) -> dict[str, object]:
     return report
 
 
-def _canary(server_args: list[str]) -> bool:
-    """Whether these `kaizen serve` flags turn the canary on (the last one wins)."""
-    share = 0.0
+def _flag(server_args: list[str], name: str, default: float) -> float:
+    """The value these `kaizen serve` flags give `name` (`--x V` or `--x=V`; the last one
+    wins), else `default`."""
+    value = default
     for i, flag in enumerate(server_args):
-        if flag.startswith("--canary-share="):
-            share = float(flag.split("=", 1)[1])
-        elif flag == "--canary-share" and i + 1 < len(server_args):
-            share = float(server_args[i + 1])
-    return share > 0
+        if flag.startswith(name + "="):
+            value = float(flag.split("=", 1)[1])
+        elif flag == name and i + 1 < len(server_args):
+            value = float(server_args[i + 1])
+    return value
+
+
+def _canary(server_args: list[str]) -> bool:
+    """Whether these `kaizen serve` flags turn the canary on."""
+    return _flag(server_args, "--canary-share", 0.0) > 0
 
 
 def _settle_canary(channel, server_args: list[str]) -> str:
@@ -182,12 +188,7 @@ def _settle_canary(channel, server_args: list[str]) -> str:
     in the middle of the measurement would switch versions under it."""
     from server.canary import CanaryPolicy
 
-    settle = CanaryPolicy().user_settle_s
-    for i, flag in enumerate(server_args):
-        if flag.startswith("--canary-user-settle-s="):
-            settle = float(flag.split("=", 1)[1])
-        elif flag == "--canary-user-settle-s" and i + 1 < len(server_args):
-            settle = float(server_args[i + 1])
+    settle = _flag(server_args, "--canary-user-settle-s", CanaryPolicy().user_settle_s)
     say(f"waiting {settle + 2:.0f} s for the canary's last users to count")
     time.sleep(settle + 2.0)
     from kaizen.v1 import model_pb2, model_pb2_grpc

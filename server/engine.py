@@ -241,8 +241,9 @@ def attention_keys_per_token(config) -> float:
     costs in a layer's weights (the projections and the MLP): the context at which a
     prefill token's attention costs as much again as the rest of it."""
     heads, kv_heads, head_dim = attention_shape(config)
-    hidden = config.get_text_config().hidden_size
-    inner = getattr(config.get_text_config(), "intermediate_size", None) or 4 * hidden
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    inner = getattr(text, "intermediate_size", None) or 4 * hidden
     weights = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inner
     return weights / (2 * heads * head_dim)  # per key: q·k and the weighted v
 
