@@ -239,10 +239,13 @@ def simulate_cs(
     total = np.zeros((R, U, 2))
     final = np.zeros((R, U, 2), dtype=bool)
     first_of = np.full((R, settle), -1)  # ring: user*2 + arm whose first reward came then
-    pairs = BettingCS(policy.alpha, lo=-2.0, hi=2.0, runs=R)  # the CS of Δ, as the server's
-    final_y = np.zeros((R, 2, 2 * U))  # each arm's final observations, in order
+    pairs = BettingCS(  # the CS of Δ, as the server's
+        policy.alpha, lo=-2.0, hi=2.0, runs=R, points=(-policy.margin, 0.0)
+    )
+    final_y = np.zeros((R, 2 * U))  # the canary's final observations, in order
+    served = np.zeros((R, 2 * U + 1))  # running Σ of the serving arm's, in order
     n = np.zeros((R, 2), dtype=np.int64)
-    paired = np.zeros(R, dtype=np.int64)
+    paired = np.zeros((R, 2), dtype=np.int64)  # observations of each arm paired so far
     finals = np.zeros((R, 2))  # Σ final observations per arm
     canary_events = np.zeros(R)
     decision, at, when = np.zeros(R, dtype=int), np.zeros(R), np.zeros(R)
@@ -252,14 +255,17 @@ def simulate_cs(
         y = total[r, u, a] / count[r, u, a]
         final[r, u, a] = True
         finals[r, a] += y
-        for arm in (0, 1):  # a run finalises at most one user of an arm per call
-            mine = a == arm
-            final_y[r[mine], arm, n[r[mine], arm]] = y[mine]
-            n[r[mine], arm] += 1
-        while (ready := np.flatnonzero(n.min(axis=1) > paired)).size:
-            i = paired[ready]
-            pairs.add(final_y[ready, 0, i] - final_y[ready, 1, i], ready)
-            paired[ready] += 1
+        c, s = r[a == 0], r[a == 1]  # a run finalises at most one user per call
+        final_y[c, n[c, 0]] = y[a == 0]
+        served[s, n[s, 1] + 1] = served[s, n[s, 1]] + y[a == 1]
+        n[r, a] += 1
+        while (ready := np.flatnonzero((n > paired).all(axis=1))).size:  # Experiment._pair
+            waiting = n[ready] - paired[ready]
+            k = np.maximum(1, waiting[:, 1] // waiting[:, 0])
+            start = paired[ready, 1]
+            block = (served[ready, start + k] - served[ready, start]) / k
+            pairs.add(final_y[ready, paired[ready, 0]] - block, ready)
+            paired[ready] += np.stack([np.ones_like(k), k], axis=1)
 
     steps = _steps(policy, rate, policy.share)
     for step in range(steps):
@@ -288,10 +294,9 @@ def simulate_cs(
         full = np.flatnonzero(fresh & (count[rows, u, arm] >= policy.user_answers))
         finalise(full, u[full], arm[full])
 
-        low, high = pairs.bounds()
         enough = n.min(axis=1) >= policy.min_feedback
-        rollback = live & enough & (high < 0)
-        promote = live & enough & ~rollback & (low > -policy.margin)
+        rollback = live & enough & pairs.rejects_above(0.0)
+        promote = live & enough & ~rollback & pairs.rejects_below(-policy.margin)
         window = live & ~rollback & ~promote & (canary_events >= policy.max_feedback)
         for mask, value in ((promote, 1), (rollback, -1), (window, 0)):
             decision[mask] = value

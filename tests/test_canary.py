@@ -132,6 +132,33 @@ def test_the_confidence_sequence_covers_the_mean_at_every_look(draw):
     assert widths[-1] < widths[49] < widths[9] < 2.0  # and it narrows as users come in
 
 
+def test_the_decision_points_are_exact_and_keep_their_error_rate():
+    """The canary asks the CS two questions: is every Δ ≤ −margin excluded, is every Δ ≥ 0?
+    Asked at those exact points (not at the grid's reported bounds, a step wider) a good
+    version is promoted sooner, and a version exactly at −margin is still promoted (that
+    bound failing) in at most α/2 of runs."""
+    rng = np.random.default_rng(1)
+    runs, looks, margin = 400, 1500, 0.02
+    values = np.array([-1.0, 0.0, 0.1, 0.3, 0.5, 1.0])  # the shipped reward mix's skew
+
+    def mix(delta):  # Δ moves mass between −1 and 0
+        probs = np.array([0.06 - delta, 0.30 + delta, 0.22, 0.25, 0.12, 0.05])
+        return values[np.minimum((rng.random(runs)[:, None] > probs.cumsum()).sum(1), 5)]
+
+    for delta in (-margin, 2 * margin):
+        cs = BettingCS(alpha=0.05, lo=-2.0, hi=2.0, runs=runs, points=(-margin, 0.0))
+        exact, by_bounds = np.full(runs, looks), np.full(runs, looks)
+        for t in range(looks):
+            cs.add(mix(delta) - mix(0.0))
+            exact = np.where((exact == looks) & cs.rejects_below(-margin), t, exact)
+            by_bounds = np.where((by_bounds == looks) & (cs.bounds()[0] > -margin), t, by_bounds)
+        assert (exact <= by_bounds).all()  # never later than the reported bound
+        if delta < 0:
+            assert (exact < looks).mean() <= 0.025 + 0.01  # the lower bound's α/2, ± noise
+        else:
+            assert np.median(exact) < 0.85 * np.median(by_bounds)
+
+
 def test_a_users_observation_is_their_first_answers_and_final_by_count_or_time():
     policy = CanaryPolicy(unit="user", user_answers=2, user_settle_s=100.0, min_feedback=2)
     e = Experiment("v2", "v1", policy, started_at=0.0)
