@@ -318,7 +318,17 @@ def simulate_cs(
     return {"decision": decision, "canary_events": at, "seconds": when, "share": share}
 
 
-def summarise(scenario: Scenario, outcome: dict[str, np.ndarray], margin: float) -> dict:
+def _median_to_promotion(values: np.ndarray, promoted: np.ndarray) -> float | None:
+    """The median over every run, one never promoted counting as infinitely late; None
+    (not reached within the window) when fewer than half were promoted. Unlike a median
+    over the runs that decided, it cannot look fast by counting only the lucky ones."""
+    median = float(np.median(np.where(promoted, values, np.inf)))
+    return median if math.isfinite(median) else None
+
+
+def summarise(
+    scenario: Scenario, outcome: dict[str, np.ndarray], margin: float, rate: float
+) -> dict:
     d, events = outcome["decision"], outcome["canary_events"]
     runs = len(d)
     promoted = int((d == 1).sum())
@@ -338,6 +348,10 @@ def summarise(scenario: Scenario, outcome: dict[str, np.ndarray], margin: float)
         "median_s_to_promotion": round(float(np.median(outcome["seconds"][d == 1])), 1)
         if promoted
         else None,
+        "median_canary_events_to_promotion_all_runs": _median_to_promotion(events, d == 1),
+        "median_events_to_promotion_all_runs": _median_to_promotion(
+            np.round(outcome["seconds"] * rate), d == 1
+        ),
         "worse_than_margin": scenario.delta < -margin,
     }
 
@@ -370,7 +384,7 @@ def run(config) -> dict[str, object]:
                 {
                     "shape": shape,
                     "delta": delta,
-                    **{t: summarise(scenario, outcomes[t], margin) for t in TESTS},
+                    **{t: summarise(scenario, outcomes[t], margin, config.rate) for t in TESTS},
                 }
             )
     worst = {

@@ -104,10 +104,10 @@ def test_heavy_users_fool_the_answer_level_test_but_not_the_user_level_one():
     independent promotes it far above α; the server's user-level test does not."""
     policy = CanaryPolicy(max_feedback=2000, window_s=1e9)
     bad = Scenario("heavy", -0.1)
-    cs = summarise(bad, simulate_cs(bad, 300, 1000, policy, rate=0.5, seed=4), policy.margin)
+    cs = summarise(bad, simulate_cs(bad, 300, 1000, policy, rate=0.5, seed=4), policy.margin, 0.5)
     msprt = simulate(bad, 300, 1000, policy, rate=0.5, seed=4)["msprt_answer"]
     assert cs["promote_rate"] <= policy.alpha
-    assert summarise(bad, msprt, policy.margin)["promote_rate"] > 1.5 * policy.alpha
+    assert summarise(bad, msprt, policy.margin, 0.5)["promote_rate"] > 1.5 * policy.alpha
 
 
 def test_bench_canary_end_to_end_on_small_numbers(capsys):
