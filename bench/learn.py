@@ -183,7 +183,9 @@ def _settle_canary(channel, server_args: list[str]) -> str:
     """After the users stop, what the rollout serves: the canary's last users become final
     `--canary-user-settle-s` after their first rated answer, so wait that long (and two
     registry polls) for its last decision; then end a canary still undecided, as its
-    window would (with no users left it can never be decided), so the held-out prompts
+    window would (with no users left it can never be decided), and the canary of every
+    newer version that ending it lets start (the 2,000-event run measured v12 with v18,
+    started by v16's rollback, answering part of the held-out prompts), so the prompts
     are answered by one version: the evaluator might be routed to a canary, and a decision
     in the middle of the measurement would switch versions under it."""
     from server.canary import CanaryPolicy
@@ -194,15 +196,23 @@ def _settle_canary(channel, server_args: list[str]) -> str:
     from kaizen.v1 import model_pb2, model_pb2_grpc
 
     stub = model_pb2_grpc.ModelServiceStub(channel)
-    for info in stub.ListVersions(model_pb2.ListVersionsRequest()).versions:
-        if info.state == "canary":
-            say(f"ending {info.version}'s canary: undecided when the users stopped")
-            stub.Rollback(
-                model_pb2.RollbackRequest(
-                    version=info.version, reason="bench learn: undecided when the users stopped"
-                ),
-                timeout=60,
-            )
+    for _ in range(120):  # ending one canary starts the newest pending version's: end it too
+        versions = stub.ListVersions(model_pb2.ListVersionsRequest()).versions
+        states = {info.version: info.state for info in versions}
+        if not any(state in ("canary", "pending") for state in states.values()):
+            break
+        for version, state in states.items():
+            if state == "canary":
+                say(f"ending {version}'s canary: undecided when the users stopped")
+                stub.Rollback(
+                    model_pb2.RollbackRequest(
+                        version=version, reason="bench learn: undecided when the users stopped"
+                    ),
+                    timeout=60,
+                )
+        time.sleep(2.0)  # a registry poll or two: the rollout starts the next canary
+    else:
+        raise RuntimeError(f"bench learn: canaries kept starting after the users stopped: {states}")
     return _serving(channel)
 
 

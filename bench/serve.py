@@ -352,13 +352,15 @@ def decode_bandwidth(
 ) -> dict[str, object]:
     """Each decode step reads every weight once and each row's KV cache; at `tokens_per_s`
     with `concurrency` rows that is `tokens_per_s / concurrency` steps a second."""
-    import json
+    from transformers import AutoConfig
 
-    cfg = json.loads((model_dir / "config.json").read_text())
+    from server.kvcache import attention_shape  # the shape the server's cache is built from
+
+    config = AutoConfig.from_pretrained(model_dir)
     weights = parameter_count(model_dir) * bytes_per_value
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    kv_per_token = 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * bytes_per_value
+    _, kv_heads, head_dim = attention_shape(config)
+    layers = config.get_text_config().num_hidden_layers
+    kv_per_token = 2 * layers * kv_heads * head_dim * bytes_per_value
     step_bytes = weights + concurrency * mean_context * kv_per_token
     achieved = step_bytes * tokens_per_s / concurrency / 1e9
     peak = next((v for k, v in PEAK_BANDWIDTH_GB_S.items() if k in gpu_name), None)

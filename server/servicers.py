@@ -477,10 +477,15 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
                 reason="the base model",
             )
         ]
+        # the watcher's floor: nothing at or below the newest version served, canaried or
+        # decided is ever offered (server/weights.py `check`), so such a version is skipped
+        floor = max(
+            version_number(v) for v in [self.engine.newest_known(), *self.registry.decisions()]
+        )
         for version in self.registry.versions():
             manifest = self.registry.manifest(version)
             record = self.registry.rollout(version)
-            state, reason = self._state(version, manifest.metadata, record)
+            state, reason = self._state(version, manifest.metadata, record, floor)
             evidence: dict[str, object] = {}
             if gate := manifest.metadata.get("gate"):
                 evidence["gate"] = gate
@@ -502,7 +507,9 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             )
         return out
 
-    def _state(self, version: str, metadata: dict, record: dict | None) -> tuple[str, str]:
+    def _state(
+        self, version: str, metadata: dict, record: dict | None, floor: int
+    ) -> tuple[str, str]:
         """A published version's state, and why, in order of precedence."""
         engine = self.engine
         canary = engine.canary
@@ -522,10 +529,7 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             return "rolled_back", str(record["reason"])
         if decided == PROMOTED:
             return "retired", f"replaced; {record['reason']}"
-        newest = max(
-            version_number(engine.version), version_number(canary.version) if canary else 0
-        )
-        if version_number(version) > newest:
+        if version_number(version) > floor:
             return "pending", "waiting for its turn as canary"
         return "skipped", "a newer version went first"
 

@@ -190,6 +190,31 @@ def test_a_version_the_learner_rejected_is_listed_with_its_reason_and_never_serv
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_a_version_passed_over_stays_skipped_after_the_newer_canary_is_rolled_back(
+    rollout_server, tiny_model
+):
+    """ListVersions says what the watcher will do: v2, published while v1 was the canary
+    and passed over for v3, is never offered once v3 has been tried, so it is "skipped",
+    not "pending" for ever (bench learn waited on such versions to start)."""
+    running = rollout_server(canary_share=0.5, canary_max_share=0.5)
+    registry = Registry(running.watcher.registry.root)
+    v1 = publish_random_adapter(registry, tiny_model, seed=1)
+    wait_until(lambda: running.engine.canary is not None, what="v1's canary")
+    v2 = publish_random_adapter(registry, tiny_model, seed=2)
+    v3 = publish_random_adapter(registry, tiny_model, seed=3)
+    assert versions(running)[v2].state == "pending"
+    running.model.Rollback(model_pb2.RollbackRequest(version=v1, reason="ending it"))
+    wait_until(
+        lambda: running.engine.canary is not None and running.engine.canary.version == v3,
+        what="v3's canary",
+    )
+    running.model.Rollback(model_pb2.RollbackRequest(version=v3, reason="ending it too"))
+    time.sleep(0.5)  # ten registry polls: v2 would have been offered by now
+    assert running.engine.canary is None and running.engine.version == "v0"
+    listed = versions(running)
+    assert [listed[v].state for v in (v1, v2, v3)] == ["rolled_back", "skipped", "rolled_back"]
+
+
 def test_admin_rpcs_need_the_admin_scope_and_roll_back_to_the_last_promoted_version(
     rollout_server, tiny_model, credentials
 ):
