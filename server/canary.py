@@ -134,8 +134,8 @@ class BettingCS:
         low = self.m[np.maximum(first - 1, 0)]
         high = self.m[np.minimum(last + 1, top)]
         scale = self.hi - self.lo
-        low, high = self.lo + scale * low, self.lo + scale * high
-        return np.where(any_inside, low, self._mean()), np.where(any_inside, high, self._mean())
+        low, high, mean = self.lo + scale * low, self.lo + scale * high, self._mean()
+        return np.where(any_inside, low, mean), np.where(any_inside, high, mean)
 
     def rejects_below(self, value: float) -> np.ndarray:
         """Per stream: whether every candidate mean at or below `value` is rejected, so

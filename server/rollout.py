@@ -424,6 +424,14 @@ class Rollout:
             self._guard_run.cancel()
             self._guard_run = None
 
+    def floor(self, decisions: dict[str, dict[str, object]] | None = None) -> int:
+        """The newest version number served, canaried, staged or decided (`decisions`, the
+        registry's rollout records, when the caller has read them): the watcher offers
+        only newer versions, so nothing older than what was tried comes back (an
+        operator's promotion of an older version sticks)."""
+        decided = self.registry.decisions() if decisions is None else decisions
+        return max(version_number(v) for v in [self.engine.newest_known(), *decided])
+
     def would_yield(self, version: str, now: float | None = None) -> bool:
         """Whether `yield_to(version)` would end the running canary now (it does nothing)."""
         e, wait = self.experiment, self.policy.supersede_after_s

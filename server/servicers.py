@@ -477,14 +477,11 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
                 reason="the base model",
             )
         ]
-        # the watcher's floor: nothing at or below the newest version served, canaried or
-        # decided is ever offered (server/weights.py `check`), so such a version is skipped
-        floor = max(
-            version_number(v) for v in [self.engine.newest_known(), *self.registry.decisions()]
-        )
+        decisions = self.registry.decisions()  # every rollout record, read once
+        floor = self.rollout.floor(decisions)  # at or below it, never offered: skipped
         for version in self.registry.versions():
             manifest = self.registry.manifest(version)
-            record = self.registry.rollout(version)
+            record = decisions.get(version)
             state, reason = self._state(version, manifest.metadata, record, floor)
             evidence: dict[str, object] = {}
             if gate := manifest.metadata.get("gate"):

@@ -102,10 +102,7 @@ class RegistryWatcher:
         latest = self.registry.latest_servable()
         if latest in self.rejected or latest in self.engine.failed:
             return
-        # nothing older than what is served, canaried, or already decided (an operator may
-        # have promoted an older version over it: that decision sticks)
-        floor = [self.engine.newest_known(), *self.registry.decisions()]
-        if version_number(latest) <= max(version_number(v) for v in floor):
+        if version_number(latest) <= self.rollout.floor():
             return
         if self.rollout.busy and not self.rollout.would_yield(latest):
             return  # not worth reading it yet
