@@ -239,8 +239,8 @@ def simulate_cs(
     total = np.zeros((R, U, 2))
     final = np.zeros((R, U, 2), dtype=bool)
     first_of = np.full((R, settle), -1)  # ring: user*2 + arm whose first reward came then
-    pairs = BettingCS(  # the CS of Δ, as the server's
-        policy.alpha, lo=-2.0, hi=2.0, runs=R, points=(-policy.margin, 0.0)
+    pairs = BettingCS(  # the CS of Δ at the server's two points, which decide as its grid
+        policy.alpha, lo=-2.0, hi=2.0, runs=R, points=(-policy.margin, 0.0), grid=0
     )
     final_y = np.zeros((R, 2 * U))  # the canary's final observations, in order
     served = np.zeros((R, 2 * U + 1))  # running Σ of the serving arm's, in order

@@ -17,19 +17,19 @@ after their first, whichever comes first: a rule that does not look at the rewar
 final observations are independent draws from the arm's population of users.
 
 Decision: final observations are paired in the order they become final, each of the
-canary's with the mean of the serving version's that became final since the last pair
-(a block of k ≥ 1, by count only: `Experiment._pair`), and each pair's difference
-dᵢ = y(canary)ᵢ − ȳ(serving block)ᵢ ∈ [−2, 2] is an independent draw with mean
-Δ = mean(canary) − mean(serving). A confidence sequence for the mean of the dᵢ, valid at
+canary's with the mean of the serving version's that became final since the last pair (a
+block of k ≥ 1, by count only: `Experiment._pair`), and each pair's difference dᵢ =
+y(canary)ᵢ − ȳ(serving block)ᵢ ∈ [−2, 2] is an independent draw with mean Δ =
+mean(canary) − mean(serving). A confidence sequence for the mean of the dᵢ, valid at
 every look at once for any distribution on [−2, 2] without a variance guess: the hedged
 betting CS of Waudby-Smith and Ramdas ("Estimating means of bounded random variables by
-betting", JRSS-B 2024; the hedged capital process with predictable plug-in bets, as in
-the authors' `confseq` package) at level α, so each of its bounds fails with
-probability ≤ α/2 over the whole experiment. Pairing buys a joint interval: two
-intervals, one per arm, added up, need about twice the users for the same width
-(`kaizen bench canary`: a version better by 0.2 promoted in 67 % of windows paired
-against 24 % with one CS per arm, at the same false-promotion rate); the blocks keep
-the serving arm's extra users, which a one-to-one pairing discarded.
+betting", JRSS-B 2024; two one-sided capital processes, each a mixture of their
+predictable plug-in bets and constant bets on a geometric grid: `BettingCS`) at level α,
+so each of its bounds fails with probability ≤ α/2 over the whole experiment. Pairing
+buys a joint interval: two intervals, one per arm, added up, need about twice the users
+for the same width (`kaizen bench canary`: a version better by 0.2 promoted in 67 % of
+windows paired against 24 % with one CS per arm, at the same false-promotion rate); the
+blocks keep the serving arm's extra users, which a one-to-one pairing discarded.
 
 - roll back as soon as the CS excludes every Δ ≥ 0 (the canary is worse);
 - promote as soon as it excludes every Δ ≤ −margin: a canary worse than that is promoted with
@@ -62,6 +62,8 @@ import numpy as np
 
 GRID = 400  # candidate means: a reported bound's resolution is (hi − lo) / GRID
 BET_CAP = 0.5  # c: a bet risks at most half the capital (λ⁺ ≤ c/m, λ⁻ ≤ c/(1 − m))
+BETS = 4  # the constant bets: c/m, c/2m, c/4m, c/8m (and c/(1 − m), … below)
+PLUG_IN_WEIGHT = 0.5  # of the mixture's prior on the plug-in bets; the rest on the constant ones
 
 
 class BettingCS:
@@ -69,64 +71,112 @@ class BettingCS:
     observations in [lo, hi], all updated at once (the server keeps one, for the pairs' differences;
     `kaizen bench canary` thousands).
 
-    For every candidate mean m on a grid of [0, 1] (observations rescaled), two gamblers
-    bet that the mean is above m and below it, with capitals
-    K⁺(m) = Π (1 + λ⁺ᵢ(m)(xᵢ − m)) and K⁻(m) = Π (1 − λ⁻ᵢ(m)(xᵢ − m)). Under mean m each is
-    a nonnegative martingale, so by Ville's inequality it ever reaches 2/α with
-    probability ≤ α/2: the m where neither has is a (1 − α) confidence sequence, valid at
-    every n at once, whatever the distribution on [lo, hi]. A rejected m stays rejected
-    (the running intersection, also valid). The bets are predictable plug-ins,
-    λᵢ = sqrt(2 log(2/α) / (σ̂²ᵢ₋₁ i log(1 + i))) capped at c/m and c/(1 − m): larger while
-    the observations vary little, so a low-variance arm is pinned down by few users.
+    For every candidate mean m on a grid of [0, 1] (observations rescaled), gamblers bet
+    that the mean is above m and below it, each with capital Π (1 + λᵢ⁺(m)(xᵢ − m)) or
+    Π (1 − λᵢ⁻(m)(xᵢ − m)): the predictable plug-in bets of Waudby-Smith and Ramdas,
+    λᵢ = sqrt(2 log(2/α) / (σ̂²ᵢ₋₁ i log(1 + i))) capped at c/m and c/(1 − m), as in their
+    `confseq` package, and BETS constant bets c·2⁻ʲ/m, j = 0…BETS − 1 (and c·2⁻ʲ/(1 − m)
+    below). Under mean m each capital is a nonnegative martingale starting at 1, so
+    their average under a prior (PLUG_IN_WEIGHT on the plug-in, the rest shared by the
+    constant bets) K⁺(m) is one too, and by Ville's inequality it ever reaches 2/α with
+    probability ≤ α/2: the m where neither K⁺ nor K⁻ has is a (1 − α) confidence
+    sequence, valid at every n at once, whatever the distribution on [lo, hi]. A
+    rejected m stays rejected (the running intersection, also valid).
 
-    `points` are means a decision asks about (the canary's −margin and 0): they join the
-    grid, so `rejects_below` and `rejects_above` answer exactly there, where `bounds()`
-    may be a grid step (0.01 reward for Δ) wider. That step was a sixth of the distance a
-    version better by 2·margin must clear, and cost a third more users to a decision.
+    Why both (their "diversified Kelly" idea, on a geometric grid, beside the plug-in):
+    the plug-in bets large while the observations vary little, so a small deployment's
+    canary decides on few users; but it shrinks its bets with every observation, in
+    case the stream runs for ever, and pays a log(n) factor in the users a decision
+    needs once it takes thousands (a ±1 thumbs reward at 2·margin). A constant bet near
+    the Kelly bet Δ/σ² grows the capital at the best rate for that Δ at any n; the
+    constant ones span the cap down to 1/8 of it (λ = 0.125 at m = ½, about the Kelly bet
+    for ±1 thumbs 2·margin above −margin in pairs with blocks of serving users). The
+    prior costs log 2 ≈ 0.7 in log-capital on the plug-in's side and log(2·BETS) ≈ 2.1
+    on a constant bet's, against the 3.7 (log 2/α at α = 0.05) every decision needs
+    anyway. Chosen by `kaizen bench canary` (the README's "How kaizen decides"): with
+    weight ½ and 4 bets, at the shipped defaults, as many good versions promoted as the
+    plug-in alone, within noise; at 20,000 users, ±1 thumbs at 2·margin promoted in a
+    fraction of the feedback.
+
+    Each capital falls as m rises (K⁺) or rises with it (K⁻), so at every n the m that
+    K⁺ rejects are those below some point and the m that K⁻ rejects those above some
+    point: the sequence is an interval, and "is every mean ≤ v rejected" is "has K⁺
+    rejected v". `points` are means a decision asks about (the canary's −margin and 0):
+    they join the grid, and `rejects_below` and `rejects_above` answer exactly there, where
+    `bounds()` may be a grid step (0.01 reward for Δ) wider; that step was a sixth of the
+    distance a version better by 2·margin must clear. The decisions depend on the
+    points' capitals alone, so `grid=0` (only the points, for `kaizen bench canary`'s
+    thousands of streams) decides exactly as the server's full grid does; only
+    `bounds()` needs the grid.
     """
 
     def __init__(
-        self, alpha: float, lo: float = -1.0, hi: float = 1.0, runs: int = 1, points=()
+        self,
+        alpha: float,
+        lo: float = -1.0,
+        hi: float = 1.0,
+        runs: int = 1,
+        points=(),
+        grid: int = GRID,
     ) -> None:
         self.alpha, self.lo, self.hi = alpha, lo, hi
         exact = np.clip([self._scale(p) for p in points], 0.0, 1.0)
-        self.m = np.unique(np.concatenate([np.linspace(0.0, 1.0, GRID + 1), exact]))
-        with np.errstate(divide="ignore"):
-            self.cap_up = BET_CAP / self.m  # m = 0: +inf, no cap
-            self.cap_down = BET_CAP / (1.0 - self.m)
+        spaced = np.linspace(0.0, 1.0, grid + 1) if grid else np.array([0.0, 1.0])
+        self.m = np.unique(np.concatenate([spaced, exact]))
+        fractions = BET_CAP * 0.5 ** np.arange(BETS)
+        # at m = 0 (1) any bet up (down) keeps the capital positive: the floor only
+        # keeps it finite
+        self.cap_up = BET_CAP / np.maximum(self.m, 1e-3)  # (m,)
+        self.cap_down = BET_CAP / np.maximum(1.0 - self.m, 1e-3)
+        self.bet_up = fractions[None, :] / np.maximum(self.m, 1e-3)[:, None]  # (m, j)
+        self.bet_down = fractions[None, :] / np.maximum(1.0 - self.m, 1e-3)[:, None]
         size = len(self.m)
-        self.log_up = np.zeros((runs, size))
-        self.log_down = np.zeros((runs, size))
-        self.out = np.zeros((runs, size), dtype=bool)  # rejected so far
+        self.log_up = np.zeros((runs, size, BETS))  # log Kⱼ⁺(m) per stream
+        self.log_down = np.zeros((runs, size, BETS))
+        self.plug_up = np.zeros((runs, size))  # log K⁺(m) of the plug-in bets
+        self.plug_down = np.zeros((runs, size))
+        self.out_up = np.zeros((runs, size), dtype=bool)  # rejected by K⁺ so far: m < mean
+        self.out_down = np.zeros((runs, size), dtype=bool)  # by K⁻: m > mean
         self.n = np.zeros(runs, dtype=np.int64)
         self.total = np.zeros(runs)
         self.sq_dev = np.zeros(runs)
         self.var = np.full(runs, 0.25)  # σ̂²: one prior observation of variance 1/4
         self.threshold = math.log(2 / alpha)
+        self.weights = (math.log(PLUG_IN_WEIGHT), math.log((1 - PLUG_IN_WEIGHT) / BETS))
 
     def add(self, values, rows=None) -> None:
         """One observation for each of `rows` (all streams when None)."""
         rows = np.arange(len(self.n)) if rows is None else np.asarray(rows)
         x = np.clip(self._scale(np.asarray(values, dtype=float)), 0, 1)
         n = self.n[rows] + 1
-        bet = np.sqrt(2 * self.threshold / (self.var[rows] * n * np.log1p(n)))[:, None]
         dev = x[:, None] - self.m[None, :]
-        up = self.log_up[rows] + np.log1p(np.minimum(bet, self.cap_up) * dev)
-        down = self.log_down[rows] + np.log1p(-np.minimum(bet, self.cap_down) * dev)
+        bet = np.sqrt(2 * self.threshold / (self.var[rows] * n * np.log1p(n)))[:, None]
+        plug_up = self.plug_up[rows] + np.log1p(np.minimum(bet, self.cap_up) * dev)
+        plug_down = self.plug_down[rows] + np.log1p(-np.minimum(bet, self.cap_down) * dev)
+        up = self.log_up[rows] + np.log1p(self.bet_up * dev[:, :, None])
+        down = self.log_down[rows] + np.log1p(-self.bet_down * dev[:, :, None])
+        self.plug_up[rows], self.plug_down[rows] = plug_up, plug_down
         self.log_up[rows], self.log_down[rows] = up, down
-        self.out[rows] |= (up >= self.threshold) | (down >= self.threshold)
+        self.out_up[rows] |= self._capital(plug_up, up) >= self.threshold
+        self.out_down[rows] |= self._capital(plug_down, down) >= self.threshold
         self.n[rows] = n
         self.total[rows] += x
         mean = (0.5 + self.total[rows]) / (n + 1)
         self.sq_dev[rows] += (x - mean) ** 2
         self.var[rows] = (0.25 + self.sq_dev[rows]) / (n + 1)
 
+    def _capital(self, plug: np.ndarray, constant: np.ndarray) -> np.ndarray:
+        """log of the prior-weighted capital: PLUG_IN_WEIGHT on the plug-in's, the rest
+        shared evenly by the constant bets."""
+        w_plug, w_each = self.weights
+        return np.logaddexp(w_plug + plug, w_each + _log_sum(constant))
+
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) per stream, in the observations' units. Each bound is the grid point
         beyond the last candidate still inside, so never tighter than the CS itself; a
         stream with no observation has [lo, hi], and one whose every candidate was
         rejected (probability ≤ α) its running mean twice."""
-        inside = ~self.out
+        inside = ~(self.out_up | self.out_down)
         any_inside = inside.any(axis=1)
         top = len(self.m) - 1
         first = np.argmax(inside, axis=1)
@@ -139,15 +189,15 @@ class BettingCS:
 
     def rejects_below(self, value: float) -> np.ndarray:
         """Per stream: whether every candidate mean at or below `value` is rejected, so
-        the mean is above it (exact when `value` is one of the `points`). A stream whose
-        every candidate was rejected answers by its running mean, as `bounds()` does."""
-        k = np.searchsorted(self.m, self._scale(value) + 1e-9, side="right")
-        return np.where(self.out.all(axis=1), self._mean() > value, self.out[:, :k].all(axis=1))
+        the mean is above it: whether K⁺ has rejected the largest candidate ≤ `value`
+        (`value` itself when it is one of the `points`)."""
+        k = np.searchsorted(self.m, self._scale(value) + 1e-9, side="right") - 1
+        return self.out_up[:, k] if k >= 0 else np.ones(len(self.n), dtype=bool)
 
     def rejects_above(self, value: float) -> np.ndarray:
         """Per stream: whether every candidate mean at or above `value` is rejected."""
         k = np.searchsorted(self.m, self._scale(value) - 1e-9, side="left")
-        return np.where(self.out.all(axis=1), self._mean() < value, self.out[:, k:].all(axis=1))
+        return self.out_down[:, k] if k < len(self.m) else np.ones(len(self.n), dtype=bool)
 
     def _mean(self) -> np.ndarray:
         mean = np.where(self.n > 0, self.total / np.maximum(self.n, 1), 0.5)
@@ -155,6 +205,12 @@ class BettingCS:
 
     def _scale(self, value):
         return (value - self.lo) / (self.hi - self.lo)
+
+
+def _log_sum(log_capitals: np.ndarray) -> np.ndarray:
+    """log Σⱼ exp(·) over the last axis, without overflow."""
+    top = log_capitals.max(axis=-1)
+    return top + np.log(np.exp(log_capitals - top[..., None]).sum(axis=-1))
 
 
 @dataclass
