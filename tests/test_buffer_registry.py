@@ -56,6 +56,35 @@ def test_events_survive_a_reopen_and_join_in_order(tmp_path):
     reopened.close()
 
 
+def test_a_buffer_from_an_older_kaizen_opens_without_its_redundant_index(tmp_path):
+    """Older buffers carry feedback_response(response_id), which feedback_signal (whose
+    first column is response_id) makes redundant: reopening drops it, so each stored
+    event updates one B-tree fewer, and lookups by answer still use an index."""
+    path = tmp_path / "b.db"
+    buffer = SQLiteBuffer(path)
+    buffer.append_generation(generation("r1"))
+    buffer.append_feedback([thumb("e1", "r1")])
+    buffer.close()
+    with sqlite3.connect(path) as conn:  # as an older kaizen left it
+        conn.execute("CREATE INDEX feedback_response ON feedback(response_id)")
+    reopened = SQLiteBuffer(path)
+    reopened.close()
+    with sqlite3.connect(path) as conn:
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT seq FROM feedback WHERE response_id = ?", ("r1",)
+            )
+        )
+    assert "feedback_response" not in indexes and "feedback_signal" in indexes
+    assert "USING INDEX feedback_signal" in plan or "USING COVERING INDEX" in plan, plan
+    reopened = SQLiteBuffer(path)
+    assert reopened.withdraw("r1", "u", "thumb") == 1
+    assert reopened.append_feedback([thumb("e1", "r1")]).new == (False,)  # still a duplicate
+    reopened.close()
+
+
 def test_duplicates_conflicts_and_unknown_answers(tmp_path):
     buffer = SQLiteBuffer(tmp_path / "b.db")
     buffer.append_generation(generation("r1"))
