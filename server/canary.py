@@ -126,10 +126,9 @@ class BettingCS:
         fractions = BET_CAP * 0.5 ** np.arange(BETS)
         # at m = 0 (1) any bet up (down) keeps the capital positive: the floor only
         # keeps it finite
-        self.cap_up = BET_CAP / np.maximum(self.m, 1e-3)  # (m,)
-        self.cap_down = BET_CAP / np.maximum(1.0 - self.m, 1e-3)
-        self.bet_up = fractions[None, :] / np.maximum(self.m, 1e-3)[:, None]  # (m, j)
-        self.bet_down = fractions[None, :] / np.maximum(1.0 - self.m, 1e-3)[:, None]
+        self.bet_up = fractions / np.maximum(self.m, 1e-3)[:, None]  # (m, j)
+        self.bet_down = fractions / np.maximum(1.0 - self.m, 1e-3)[:, None]
+        self.cap_up, self.cap_down = self.bet_up[:, 0], self.bet_down[:, 0]  # c/m, c/(1 − m)
         size = len(self.m)
         self.log_up = np.zeros((runs, size, BETS))  # log Kⱼ⁺(m) per stream
         self.log_down = np.zeros((runs, size, BETS))
@@ -169,7 +168,7 @@ class BettingCS:
         """log of the prior-weighted capital: PLUG_IN_WEIGHT on the plug-in's, the rest
         shared evenly by the constant bets."""
         w_plug, w_each = self.weights
-        return np.logaddexp(w_plug + plug, w_each + _log_sum(constant))
+        return np.logaddexp(w_plug + plug, w_each + np.logaddexp.reduce(constant, axis=-1))
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) per stream, in the observations' units. Each bound is the grid point
@@ -205,12 +204,6 @@ class BettingCS:
 
     def _scale(self, value):
         return (value - self.lo) / (self.hi - self.lo)
-
-
-def _log_sum(log_capitals: np.ndarray) -> np.ndarray:
-    """log Σⱼ exp(·) over the last axis, without overflow."""
-    top = log_capitals.max(axis=-1)
-    return top + np.log(np.exp(log_capitals - top[..., None]).sum(axis=-1))
 
 
 @dataclass
