@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kaizen.buffer import SQLiteBuffer, open_buffer
+from kaizen.buffer.sqlite import supersede_sql
 from kaizen.errors import AlreadyExists, CorruptVersion, NotFound, ResourceExhausted
 from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from kaizen.registry import Registry
@@ -83,6 +84,34 @@ def test_a_buffer_from_an_older_kaizen_opens_without_its_redundant_index(tmp_pat
     assert reopened.withdraw("r1", "u", "thumb") == 1
     assert reopened.append_feedback([thumb("e1", "r1")]).new == (False,)  # still a duplicate
     reopened.close()
+
+
+def test_superseding_a_signal_reads_only_its_active_event(tmp_path):
+    """A newer thumb (rating, ...) supersedes the stored active one through the partial
+    index feedback_active, so it costs the same however often the user changed their mind
+    before; through feedback_signal it read every superseded row of the signal (ingest
+    slowed down as the buffer grew). A buffer from an older kaizen gains the index."""
+    path = tmp_path / "b.db"
+    buffer = SQLiteBuffer(path)
+    buffer.append_generation(generation("r1"))
+    for i in range(5):  # the user flips their thumb five times: one active event
+        buffer.append_feedback([thumb(f"e{i}", "r1", 1.0 if i % 2 else -1.0)])
+    assert [s.feedback.event_id for s in buffer.read_samples(0, 10)] == ["e4"]
+    buffer.close()
+    with sqlite3.connect(path) as conn:  # as a kaizen before the index left it
+        conn.execute("DROP INDEX feedback_active")
+    reopened = SQLiteBuffer(path)
+    reopened.append_feedback([thumb("e5", "r1", 1.0)])
+    assert [s.feedback.event_id for s in reopened.read_samples(0, 10)] == ["e5"]
+    reopened.close()
+    with sqlite3.connect(path) as conn:
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.execute(
+                "EXPLAIN QUERY PLAN " + supersede_sql(2), ["r1", "u", "thumb"] * 2
+            )
+        )
+    assert "USING INDEX feedback_active" in plan, plan
 
 
 def test_duplicates_conflicts_and_unknown_answers(tmp_path):

@@ -411,6 +411,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
     # feedback_signal starts with response_id, so it serves every lookup by answer that
     # this index did; one B-tree fewer to update per stored event (`bench ingest`)
     conn.execute("DROP INDEX IF EXISTS feedback_response")
+    # the active event of each signal, which a newer one supersedes: through feedback_signal
+    # that UPDATE read every superseded row of the signal too, so each stored event cost
+    # more the longer a user kept changing their mind (`bench ingest`: 4.5 -> 35 µs an
+    # event over 100,000 events; through this index 2.2-2.4 µs throughout)
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS feedback_active ON feedback(response_id, user_id, kind)"
+        f" WHERE state = '{ACTIVE}'"
+    )
+
+
+def supersede_sql(signals: int) -> str:
+    """The UPDATE that supersedes the active events of `signals` (response_id, user_id,
+    kind) triples, bound in that order; it finds them through the feedback_active index."""
+    return (
+        f"UPDATE feedback SET state = '{SUPERSEDED}' WHERE state = '{ACTIVE}' AND"
+        " (response_id, user_id, kind) IN (SELECT * FROM (VALUES"
+        f" {', '.join(['(?, ?, ?)'] * signals)}))"
+    )
 
 
 def _select_in(conn: sqlite3.Connection, sql: str, values: Sequence[str]) -> list[tuple]:
@@ -470,10 +488,7 @@ def _insert_feedback(
     for i in range(0, len(signals), 166):  # 3 bound parameters each
         chunk = signals[i : i + 166]
         replaced += conn.execute(
-            f"UPDATE feedback SET state = '{SUPERSEDED}' WHERE state = '{ACTIVE}' AND"
-            " (response_id, user_id, kind) IN (SELECT * FROM (VALUES"
-            f" {', '.join(['(?, ?, ?)'] * len(chunk))}))",  # the feedback_signal index
-            [x for signal in chunk for x in signal],
+            supersede_sql(len(chunk)), [x for signal in chunk for x in signal]
         ).rowcount
     conn.executemany(
         "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
