@@ -11,6 +11,8 @@ from kaizen.v1 import chat_pb2, feedback_pb2
 
 MAX_ID_CHARS = 128
 MAX_MESSAGES = 256
+# the Feedback message's signal (its oneof field) -> the kind stored
+_KINDS = {str(k): k for k in FeedbackKind} | {"dwell_ms": FeedbackKind.DWELL}
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def feedback_from_pb(
                 f"{len(text)} characters; the limit is {max_text_chars} "
                 "(--max-feedback-text-chars)",
             )
-    kind = FeedbackKind("dwell" if signal == "dwell_ms" else signal)
+    kind = _KINDS[signal]
     return Feedback(
         event_id=fb.event_id,
         response_id=fb.response_id,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import sqlite3
 import threading
 import time
@@ -112,6 +115,42 @@ def test_superseding_a_signal_reads_only_its_active_event(tmp_path):
             )
         )
     assert "USING INDEX feedback_active" in plan, plan
+
+
+def test_a_retry_matches_events_stored_by_an_older_kaizen(tmp_path):
+    """A client retrying after an upgrade must get `duplicate`, not a conflict: the payload
+    digest stays the SHA-256 of json.dumps([response_id, user_id, kind, value, text]),
+    whatever the text holds (quotes, escapes, non-ASCII, control characters) and for
+    every value (integers, large and tiny floats, NaN)."""
+    texts = ["plain", 'say "hi" \\ /', "é 漢字 😀 \u2028", "\x00\x1f\n\t", ""]
+    values = [1, -1.0, 5400.0, 1e20, 1e-7, 2**53 + 1, 0.1, -0.0, float("nan"), float("inf")]
+    for i, (text, value) in enumerate(itertools.product(texts, values)):
+        ev = Feedback(f"e{i}", f"r-{text}", f"u-{text}", FeedbackKind.COMMENT, value, text)
+        body = json.dumps([ev.response_id, ev.user_id, "comment", float(value), text])
+        assert ev.payload_sha256() == hashlib.sha256(body.encode()).hexdigest(), (text, value)
+    path = tmp_path / "b.db"
+    buffer = SQLiteBuffer(path)
+    buffer.append_generation(generation("r1"))
+    ev = Feedback("old", "r1", "u", FeedbackKind.COMMENT, 0.0, 'too "long" — shorter')
+    buffer.append_feedback([Feedback("e0", "r1", "u", FeedbackKind.THUMB, 1.0)])
+    with sqlite3.connect(path) as conn:  # as a kaizen with json.dumps' digest stored it
+        body = json.dumps(["r1", "u", "comment", 0.0, ev.text])
+        conn.execute(
+            "INSERT INTO feedback (event_id, response_id, user_id, kind, value, text,"
+            " payload_sha256, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                "old",
+                "r1",
+                "u",
+                "comment",
+                0.0,
+                ev.text,
+                hashlib.sha256(body.encode()).hexdigest(),
+                0,
+            ),
+        )
+    assert buffer.append_feedback([ev]).new == (False,)
+    buffer.close()
 
 
 def test_duplicates_conflicts_and_unknown_answers(tmp_path):

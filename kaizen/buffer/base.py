@@ -4,6 +4,7 @@ backends)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class Forgotten:
     already: bool  # the user had been forgotten before
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked once per event's sender on every write
 def user_sha256(user_id: str) -> str:
     return hashlib.sha256(user_id.encode()).hexdigest()
 
