@@ -224,7 +224,7 @@ def simulate_cs(
     """The server's test (`policy.unit` user): its decisions and canary events then.
     `trace` collects run 0's events while it runs, (step, user, arm, reward) with arm 0
     the canary, so that a test can replay them through the server's `Experiment`."""
-    from server.canary import BettingCS
+    from server.canary import PAIR_BLOCK_MAX, BettingCS
 
     rng = np.random.default_rng(seed)
     R, U = runs, users
@@ -261,7 +261,7 @@ def simulate_cs(
         n[r, a] += 1
         while (ready := np.flatnonzero((n > paired).all(axis=1))).size:  # Experiment._pair
             waiting = n[ready] - paired[ready]
-            k = np.maximum(1, waiting[:, 1] // waiting[:, 0])
+            k = np.clip(waiting[:, 1] // waiting[:, 0], 1, PAIR_BLOCK_MAX)
             start = paired[ready, 1]
             block = (served[ready, start + k] - served[ready, start]) / k
             pairs.add(final_y[ready, paired[ready, 0]] - block, ready)

@@ -99,6 +99,16 @@ def test_the_simulated_user_level_test_decides_as_the_servers_experiment(
     assert exp.share == sim["share"][0]
 
 
+def test_at_a_small_deployment_a_clearly_better_version_reaches_users():
+    """200 users sending 0.75 events a second (what `bench learn` runs), ±1 thumbs, a
+    version better by 0.5 (about one learning step on a shared taste): promoted within
+    the shipped 2-hour window in most runs (measured: 94 % of 500; 74 % when the first
+    canary users took every waiting serving observation)."""
+    good = Scenario("thumbs", 0.5)
+    sim = simulate_cs(good, 200, 200, CanaryPolicy(), rate=0.75, seed=3)
+    assert (sim["decision"] == 1).mean() >= 0.85
+
+
 def test_heavy_users_fool_the_answer_level_test_but_not_the_user_level_one():
     """Zipf activity and a taste per user, the canary worse by 0.1: counting answers as
     independent promotes it far above α; the server's user-level test does not."""

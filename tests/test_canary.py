@@ -219,6 +219,22 @@ def test_a_users_observation_is_their_first_answers_and_final_by_count_or_time()
     assert e.evidence()["arms"]["v2"]["pending_users"] == 0
 
 
+def test_canary_users_the_ramp_brings_late_are_still_paired_with_serving_ones():
+    """A small deployment: 40 serving users are final before the canary's first user,
+    and no serving user comes after. Each canary user's pair takes at most two of the
+    waiting serving observations, so all 20 canary users are paired; taking every
+    waiting one for the first canary user left the other 19 without a pair (and the
+    test with one observation instead of twenty)."""
+    policy = CanaryPolicy(unit="user", user_answers=1, min_feedback=1000)
+    e = Experiment("v2", "v1", policy, started_at=0.0)
+    for i in range(40):
+        e.add("v1", 0.0, user=f"s{i}", answer=f"b{i}", now=1.0)
+    for i in range(20):
+        e.add("v2", 1.0, user=f"c{i}", answer=f"a{i}", now=2.0 + i)
+    assert e.evidence()["pairs"] == 20
+    assert len(e.arms["v1"].unpaired) == 0  # two each: every serving user used
+
+
 def test_the_ramp_raises_the_share_only_while_the_canary_does_not_look_worse():
     policy = CanaryPolicy(unit="user", user_answers=1, ramp_every_s=10.0, min_feedback=1000)
     good = Experiment("v2", "v1", policy, started_at=0.0)
