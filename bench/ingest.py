@@ -10,7 +10,10 @@ answers of its own. Every event refers to a seeded answer and is sent in its own
 name with a service key, so each one goes the whole way: parse, validation, ownership
 lookup, rate limits, group commit. Afterwards every event sent over gRPC is sent to the
 buffer again: each must come back a duplicate (none lost), and the buffer must have grown
-by exactly the events sent (none stored twice).
+by exactly the events sent (none stored twice). Last, the same clients send the same
+messages to `bench.grpc_floor`, a grpcio server of the same kind that parses each message
+and stores nothing: the transport's own floor on this machine, beside which each RPC's
+rate is read (`ratio_vs_grpc_floor`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,6 +50,7 @@ TAGS = {"stream": "rpc", "batches": "bat"}  # in the seeded answers' and the eve
 WARM_TAGS = {"stream": "warm", "batches": "bwarm"}  # in the warm-up events' ids
 PREFIXES = {"stream": "", "batches": "batched_"}  # of each RPC's figures in the report
 REDIS_DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+WORKERS = 32  # gRPC handler threads of the server and of its floor (serve's default)
 SEED_THREADS = 16  # answers are seeded concurrently so they share commits (fsyncs)
 
 
@@ -80,6 +85,7 @@ def run(config: IngestBench) -> dict[str, object]:
         _, key = local_key(workdir / "auth", "bench-ingest")  # beside the server's own
         extra = ["--buffer", url, "--guard-evals", "none"]  # no answers to guard
         figures: dict[str, dict] = {}
+        extra += ["--workers", str(WORKERS)]
         with kaizen_server(config.model, workdir, 1, 8, "auto", extra) as server:
             target = _address(server.log)
             for rpc in rpcs:
@@ -94,6 +100,13 @@ def run(config: IngestBench) -> dict[str, object]:
                 )
                 figures[rpc]["server_cpu_s"] = _cpu_s(server.process.pid) - cpu_s
                 say(f"through gRPC: {figures[rpc]['events_per_s']:,.0f} events/s")
+        with grpc_floor(WORKERS) as (floor, pid):  # the same messages, parsed and dropped
+            for rpc in rpcs:
+                _send(floor, key, rpc, _batches(warm[rpc], config.batch), config.clients)
+                cpu_s = _cpu_s(pid)
+                measured = _send(floor, key, rpc, _batches(sent[rpc], config.batch), config.clients)
+                figures[rpc]["floor"] = measured | {"server_cpu_s": _cpu_s(pid) - cpu_s}
+                say(f"gRPC floor (nothing stored): {measured['events_per_s']:,.0f} events/s")
         buffer = open_buffer(url)
         try:
             warmed = sum(len(events) for events in warm.values())
@@ -133,7 +146,7 @@ def _figures(prefix: str, rpc: dict, raw: dict, events: int) -> dict[str, object
     """One RPC's figures, under `prefix`: events/s, its ratio to the backend's limit, ack
     latency, and the server's CPU time per event, which other load on the machine does
     not change (the backend limit's is this process's: the buffer's client side)."""
-    acks = rpc["ack_ms"]
+    acks, floor = rpc["ack_ms"], rpc["floor"]
     return {
         f"{prefix}events_per_s": round(rpc["events_per_s"]),
         f"{prefix}ratio": round(rpc["events_per_s"] / raw["events_per_s"], 3),
@@ -141,7 +154,33 @@ def _figures(prefix: str, rpc: dict, raw: dict, events: int) -> dict[str, object
         f"{prefix}p99_ack_ms": round(percentile(acks, 99), 1),
         f"{prefix}seconds": round(rpc["seconds"], 2),
         f"{prefix}server_cpu_us_per_event": round(rpc["server_cpu_s"] / events * 1e6, 1),
+        f"{prefix}grpc_floor_events_per_s": round(floor["events_per_s"]),
+        f"{prefix}ratio_vs_grpc_floor": round(rpc["events_per_s"] / floor["events_per_s"], 3),
+        f"{prefix}grpc_floor_server_cpu_us_per_event": round(
+            floor["server_cpu_s"] / events * 1e6, 1
+        ),
     }
+
+
+@contextmanager
+def grpc_floor(workers: int) -> Iterator[tuple[str, int]]:
+    """`bench.grpc_floor` in a process of its own (as `kaizen serve` runs): its address
+    and pid. Stopped after."""
+    command = [sys.executable, "-m", "bench.grpc_floor", str(workers)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        match = re.match(r"grpc floor on (\S+)", line)
+        if match is None:
+            raise RuntimeError(f"bench.grpc_floor did not start (exit {process.poll()})")
+        yield match.group(1), process.pid
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextmanager

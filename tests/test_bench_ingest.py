@@ -19,6 +19,9 @@ from kaizen.events import Feedback, FeedbackKind, Generation, Sampling
 from tests.redis_server import redis_server_fixture  # noqa: F401
 
 KEYS = ("events_per_s", "ratio", "p50_ack_ms", "p99_ack_ms", "server_cpu_us_per_event")
+KEYS += ("grpc_floor_events_per_s", "ratio_vs_grpc_floor")
+# CPU time is read in clock ticks (10 ms): the floor may use less than one on 300 events
+TICKS = ("grpc_floor_server_cpu_us_per_event",)
 PREFIXES = {"stream": ("",), "batches": ("batched_",), "both": ("", "batched_")}
 SMALL = ("--events", "300", "--clients", "2", "--batch", "50", "--answers", "40", "--users", "8")
 
@@ -35,10 +38,17 @@ def check_figures(figures: dict, backend: str, rpc: str = "both") -> None:
         measured = prefix in PREFIXES[rpc]
         for key in KEYS:
             assert (figures[prefix + key] > 0) if measured else (prefix + key not in figures)
+        for key in TICKS:
+            assert (figures[prefix + key] >= 0) if measured else (prefix + key not in figures)
         if measured:
             assert figures[prefix + "p50_ack_ms"] <= figures[prefix + "p99_ack_ms"]
             assert figures[prefix + "ratio"] == pytest.approx(
                 figures[prefix + "events_per_s"] / figures["backend_limit_events_per_s"],
+                abs=2e-3,
+            )
+            # the same messages to a server that parses and drops them, in the same run
+            assert figures[prefix + "ratio_vs_grpc_floor"] == pytest.approx(
+                figures[prefix + "events_per_s"] / figures[prefix + "grpc_floor_events_per_s"],
                 abs=2e-3,
             )
     if rpc == "both":
