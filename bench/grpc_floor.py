@@ -4,9 +4,10 @@ FeedbackService methods that parses every message and stores nothing.
 `kaizen bench ingest` starts it in a process of its own, as `kaizen serve` runs, with the
 same grpcio sync server and handler threads, and has the same clients send it the same
 messages: what kaizen's StreamFeedback reaches is then read against what grpcio itself
-passes on this machine, one message per event (measured here: about 9,000 messages/s at
-4 clients, 57 µs of server CPU a message with nothing behind it; a grpc.aio server was
-no faster, 65 µs). No auth, validation, buffer or metrics: only parse and count.
+passes on this machine, one message per event (on the 2-core development VM: 18,700–19,700
+messages/s at 4 clients, 51–57 µs of server CPU a message with nothing behind it; the
+README's "Ingest" has the figures and the grpc.aio comparison). No auth, validation,
+buffer or metrics: only parse and count.
 
     python -m bench.grpc_floor WORKERS   # prints "grpc floor on 127.0.0.1:PORT", serves
 """
