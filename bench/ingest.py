@@ -83,9 +83,9 @@ def run(config: IngestBench) -> dict[str, object]:
             for rpc, answers in rpc_answers.items()
         }
         _, key = local_key(workdir / "auth", "bench-ingest")  # beside the server's own
-        extra = ["--buffer", url, "--guard-evals", "none"]  # no answers to guard
+        # no answers to guard; the floor gets as many handler threads
+        extra = ["--buffer", url, "--guard-evals", "none", "--workers", str(WORKERS)]
         figures: dict[str, dict] = {}
-        extra += ["--workers", str(WORKERS)]
         with kaizen_server(config.model, workdir, 1, 8, "auto", extra) as server:
             target = _address(server.log)
             for rpc in rpcs:
