@@ -86,27 +86,27 @@ def run(config: IngestBench) -> dict[str, object]:
         # no answers to guard; the floor gets as many handler threads
         extra = ["--buffer", url, "--guard-evals", "none", "--workers", str(WORKERS)]
         figures: dict[str, dict] = {}
+
+        def measure(target: str, pid: int, rpc: str) -> dict:
+            """A warm-up call per client, then `sent[rpc]` timed, with the server's CPU."""
+            _send(target, key, rpc, _batches(warm[rpc], config.batch), config.clients)
+            cpu_s = _cpu_s(pid)
+            measured = _send(target, key, rpc, _batches(sent[rpc], config.batch), config.clients)
+            return measured | {"server_cpu_s": _cpu_s(pid) - cpu_s}
+
         with kaizen_server(config.model, workdir, 1, 8, "auto", extra) as server:
             target = _address(server.log)
             for rpc in rpcs:
-                _send(target, key, rpc, _batches(warm[rpc], config.batch), config.clients)
                 say(
                     f"{METHODS[rpc].rsplit('/', 1)[1]}: {config.events} events, "
                     f"{config.clients} clients, {config.batch} events a call"
                 )
-                cpu_s = _cpu_s(server.process.pid)
-                figures[rpc] = _send(
-                    target, key, rpc, _batches(sent[rpc], config.batch), config.clients
-                )
-                figures[rpc]["server_cpu_s"] = _cpu_s(server.process.pid) - cpu_s
+                figures[rpc] = measure(target, server.process.pid, rpc)
                 say(f"through gRPC: {figures[rpc]['events_per_s']:,.0f} events/s")
         with grpc_floor(WORKERS) as (floor, pid):  # the same messages, parsed and dropped
             for rpc in rpcs:
-                _send(floor, key, rpc, _batches(warm[rpc], config.batch), config.clients)
-                cpu_s = _cpu_s(pid)
-                measured = _send(floor, key, rpc, _batches(sent[rpc], config.batch), config.clients)
-                figures[rpc]["floor"] = measured | {"server_cpu_s": _cpu_s(pid) - cpu_s}
-                say(f"gRPC floor (nothing stored): {measured['events_per_s']:,.0f} events/s")
+                figures[rpc]["floor"] = measure(floor, pid, rpc)
+                say(f"gRPC floor (nothing stored): {figures[rpc]['floor']['events_per_s']:,.0f}")
         buffer = open_buffer(url)
         try:
             warmed = sum(len(events) for events in warm.values())
@@ -175,12 +175,17 @@ def grpc_floor(workers: int) -> Iterator[tuple[str, int]]:
             raise RuntimeError(f"bench.grpc_floor did not start (exit {process.poll()})")
         yield match.group(1), process.pid
     finally:
-        process.stdin.close()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.stdin.close()  # its cue to stop
+        _reap(process)
+
+
+def _reap(process: subprocess.Popen) -> None:
+    """Wait up to 30 s for `process` to exit once told to; kill it after that."""
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextmanager
@@ -241,11 +246,7 @@ def redis_server(directory: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _reap(process)
 
 
 def _address(log: Path) -> str:
