@@ -60,7 +60,7 @@ def test_the_decision_rule_is_the_experiments():
         ("thumbs", -0.6, 2, "worse"),
         ("mix", 0.1, 1, "undecided"),
         ("mix", 0.1, 10, "not_worse"),
-        ("heavy", -0.2, 1, "worse"),
+        ("heavy", -0.3, 1, "worse"),
         ("thumbs", 0.6, 5, "not_worse"),
     ],
 )
