@@ -24,8 +24,14 @@ mean(canary) − mean(serving). A confidence sequence for the mean of the dᵢ, 
 every look at once for any distribution on [−2, 2] without a variance guess: the hedged
 betting CS of Waudby-Smith and Ramdas ("Estimating means of bounded random variables by
 betting", JRSS-B 2024; two one-sided capital processes, each a mixture of their
-predictable plug-in bets and constant bets on a geometric grid: `BettingCS`) at level α,
-so each of its bounds fails with probability ≤ α/2 over the whole experiment. Pairing
+predictable plug-in bets and constant bets on a geometric grid: `BettingCS`), each of
+its two bounds at level α over the whole experiment: the lower one, which alone can
+promote, fails with probability ≤ α (the stated false-promotion rate), the upper one,
+which alone can roll back, with ≤ α (a false rollback), so the interval they make is a
+(1 − 2α) confidence sequence. It used to split α between the two (α/2 a side, a
+threshold of log 2/α ≈ 3.7 in log-capital instead of log 1/α ≈ 3.0): no decision uses
+both bounds, so that halved the promise's own error rate and cost a good version about
+a sixth of its users for nothing. Pairing
 buys a joint interval: two intervals, one per arm, added up, need about twice the users
 for the same width (`kaizen bench canary`: a version better by 0.2 promoted in 67 % of
 windows paired against 24 % with one CS per arm, at the same false-promotion rate); the
@@ -76,13 +82,14 @@ class BettingCS:
     For every candidate mean m on a grid of [0, 1] (observations rescaled), gamblers bet
     that the mean is above m and below it, each with capital Π (1 + λᵢ⁺(m)(xᵢ − m)) or
     Π (1 − λᵢ⁻(m)(xᵢ − m)): the predictable plug-in bets of Waudby-Smith and Ramdas,
-    λᵢ = sqrt(2 log(2/α) / (σ̂²ᵢ₋₁ i log(1 + i))) capped at c/m and c/(1 − m), as in their
+    λᵢ = sqrt(2 log(1/α) / (σ̂²ᵢ₋₁ i log(1 + i))) capped at c/m and c/(1 − m), as in their
     `confseq` package, and BETS constant bets c·2⁻ʲ/m, j = 0…BETS − 1 (and c·2⁻ʲ/(1 − m)
     below). Under mean m each capital is a nonnegative martingale starting at 1, so
     their average under a prior (PLUG_IN_WEIGHT on the plug-in, the rest shared by the
-    constant bets) K⁺(m) is one too, and by Ville's inequality it ever reaches 2/α with
-    probability ≤ α/2: the m where neither K⁺ nor K⁻ has is a (1 − α) confidence
-    sequence, valid at every n at once, whatever the distribution on [lo, hi]. A
+    constant bets) K⁺(m) is one too, and by Ville's inequality it ever reaches 1/α with
+    probability ≤ α: the m that K⁺ has not rejected are a (1 − α) lower confidence
+    sequence, those K⁻ has not a (1 − α) upper one, and the m neither has a (1 − 2α)
+    interval, valid at every n at once, whatever the distribution on [lo, hi]. A
     rejected m stays rejected (the running intersection, also valid).
 
     Why both (their "diversified Kelly" idea, on a geometric grid, beside the plug-in):
@@ -94,7 +101,7 @@ class BettingCS:
     constant ones span the cap down to 1/8 of it (λ = 0.225 at m = ½, near the Kelly bet
     for ±1 thumbs 2·margin above −margin in pairs with blocks of serving users). The
     prior costs log 2 ≈ 0.7 in log-capital on the plug-in's side and log(2·BETS) ≈ 2.1
-    on a constant bet's, against the 3.7 (log 2/α at α = 0.05) every decision needs
+    on a constant bet's, against the 3.0 (log 1/α at α = 0.05) every decision needs
     anyway. Chosen by `kaizen bench canary` (the README's "How kaizen decides"): with
     weight ½ and 4 bets, at the shipped defaults, as many good versions promoted as the
     plug-in alone, within noise; at 20,000 users, ±1 thumbs at 2·margin promoted in a
@@ -153,7 +160,7 @@ class BettingCS:
         self.total = np.zeros(runs)
         self.sq_dev = np.zeros(runs)
         self.var = np.full(runs, 0.25)  # σ̂²: one prior observation of variance 1/4
-        self.threshold = math.log(2 / alpha)
+        self.threshold = math.log(1 / alpha)  # each side at level α
         self.weights = (math.log(PLUG_IN_WEIGHT), math.log((1 - PLUG_IN_WEIGHT) / BETS))
 
     def add(self, values, rows=None) -> None:
