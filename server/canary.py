@@ -112,9 +112,10 @@ class BettingCS:
     learn`'s: a standard deviation of 0.42–0.54 reward an observation), so the Kelly bet
     for a step of +0.17 is about 4/m, beyond any cap: the largest allowed bet is the one
     that decides, and c = ½ halved it. Any c < 1 keeps every capital positive, so α is
-    unchanged. On differences of mean +0.17 and sd 0.55 (the +0.19 steps a `bench learn`
-    run left undecided), 60 pairs decide in 34 % of runs at c = 0.9 against 4 % at ½,
-    100 pairs in 69 % against 43 %; `kaizen bench canary` at 200 users and a 600 s window:
+    unchanged. Measured with each bound still at α/2: on differences of mean +0.17 and
+    sd 0.55 (the +0.19 steps a `bench learn` run left undecided), 60 pairs decide in
+    34 % of runs at c = 0.9 against 4 % at ½, 100 pairs in 69 % against 43 %; `kaizen
+    bench canary` at 200 users and a 600 s window:
     heavy users +0.3 promoted in 20 % against 8 %, thumbs unchanged (their single ±1
     observations keep the bets below either cap), false promotion ≤ 1 % throughout.
 

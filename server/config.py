@@ -77,7 +77,9 @@ class ServeConfig:
         120.0, "seconds between two ramp steps, taken while the canary does not look worse"
     )
     canary_alpha: float = option(
-        0.05, "the canary test's false-promotion rate (a worse version promoted)"
+        0.05,
+        "the canary test's false-promotion rate (a worse version promoted); also its "
+        "false-rollback rate (one not worse rolled back)",
     )
     canary_margin: float = option(
         0.02, "promote a canary not worse than the serving version by more than this reward"
