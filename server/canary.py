@@ -98,8 +98,9 @@ class BettingCS:
     case the stream runs for ever, and pays a log(n) factor in the users a decision
     needs once it takes thousands (a ±1 thumbs reward at 2·margin). A constant bet near
     the Kelly bet Δ/σ² grows the capital at the best rate for that Δ at any n; the
-    constant ones span the cap down to 1/8 of it (λ = 0.225 at m = ½, near the Kelly bet
-    for ±1 thumbs 2·margin above −margin in pairs with blocks of serving users). The
+    constant ones span the cap down to 1/8 of it (λ = 0.225 at m = ½; the Kelly bet for
+    ±1 thumbs 2·margin above −margin in pairs with blocks of serving users is ≈ 0.17,
+    which the grid under a cap of ½ came nearer, README "Each bound at α"). The
     prior costs log 2 ≈ 0.7 in log-capital on the plug-in's side and log(2·BETS) ≈ 2.1
     on a constant bet's, against the 3.0 (log 1/α at α = 0.05) every decision needs
     anyway. Chosen by `kaizen bench canary` (the README's "How kaizen decides"): with
